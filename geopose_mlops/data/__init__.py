@@ -1,0 +1,1 @@
+"""Data: the competition's file layout, decoding, synthetic data, checks, folds, cache, augmentation."""
