@@ -1,5 +1,7 @@
-"""Typed, frozen configurations: saved before a run starts, flattened into MLflow params, stored in
-every checkpoint, and enough on their own to rebuild what they describe.
+"""Typed, frozen configurations.
+
+They are saved before a run starts, flattened into MLflow params, stored in every checkpoint, and are
+enough on their own to rebuild what they describe.
 
 ``from_dict`` rejects unknown keys (naming them and the allowed ones) and checks ranges, so a typo in
 a study file or a bad command-line value fails before anything is trained or logged.

@@ -80,6 +80,7 @@ class CityAccumulator:
     scale_sq_sum: float = 0.0
 
     def summary(self) -> dict[str, float]:
+        """The city's score, R², RMSEs (m, px), mean angle error (deg) and scale errors (px/m)."""
         pixels = max(self.agl.n, 1)
         images = max(self.images, 1)
         agl_r2, vflow_r2 = self.agl.r2, self.vflow.r2
