@@ -117,9 +117,7 @@ def invert_geometric(kind: str, agl: Any, angle: Any, axes: tuple[int, int] = (-
     return transform_array(undo, agl, axes), transform_angle(undo, angle)
 
 
-def rotate(
-    rgb: np.ndarray, agl: np.ndarray, angle: float, degrees: float
-) -> tuple[np.ndarray, np.ndarray, float]:
+def rotate(rgb: np.ndarray, agl: np.ndarray, angle: float, degrees: float) -> tuple[np.ndarray, np.ndarray, float]:
     """Rotate by ``degrees`` about the image centre as ``cv2.getRotationMatrix2D`` makes it.
 
     Positive degrees turn the picture counter-clockwise; the flow angle becomes a + t. RGB is
@@ -157,9 +155,7 @@ def rescale(
     return rgb_out, agl_out, scale * realised, gsd / realised
 
 
-def crop_or_pad(
-    rgb: np.ndarray, agl: np.ndarray, size: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+def crop_or_pad(rgb: np.ndarray, agl: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Random ``size`` x ``size`` window; a side shorter than ``size`` is padded (RGB 0, height NaN)."""
     h, w = agl.shape
     pad_h, pad_w = max(0, size - h), max(0, size - w)
