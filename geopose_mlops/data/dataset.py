@@ -7,23 +7,36 @@ The default collate function stacks them into batches (SAMPLE_ID becomes a list 
 
 Rows are read from the memory-mapped cache arrays on demand and copied, so DataLoader workers share
 the page cache rather than pickled copies of the data.
+
+Reproducible augmentation with any number of (persistent) workers: ``EpochSampler`` runs in the main
+process and yields ``(position, item_seed)`` pairs, the seed depending only on the run's seed, the epoch
+and the position, and the dataset re-seeds the augmentation with it before each sample. A resumed run
+therefore sees exactly the images and augmentations the uninterrupted run would have.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from geopose_mlops.constants import AGL, ANGLE, CITY, GSD, IMAGE, MAG, SAMPLE_ID, SCALE, XYDIR
 
-# An augmentation takes and returns a sample dict of numpy values: IMAGE uint8 (H, W, 3), AGL float32
-# (H, W) m, and SCALE px/m, ANGLE rad, GSD m/px as floats; geometry moves angle, scale and gsd with it.
-Augmentation = Callable[[dict[str, Any]], dict[str, Any]]
+
+class Augmentation(Protocol):
+    """``data/augment.py``'s training augmentation: geometry moves angle, scale and gsd with the image."""
+
+    def __call__(
+        self, rgb: np.ndarray, agl: np.ndarray, angle: float, scale: float, gsd: float
+    ) -> tuple[np.ndarray, np.ndarray, float, float, float]:
+        """Augment: rgb uint8 (H, W, 3), agl float32 (H, W) m, angle rad, scale px/m, gsd m/px -> same five."""
+
+    def set_seed(self, seed: int | None) -> None:
+        """Re-seed every random choice."""
 
 
 class GeoposeDataset(Dataset):
@@ -62,11 +75,47 @@ class GeoposeDataset(Dataset):
             SAMPLE_ID: str(cache.ids[row]),
         }
 
-    def __getitem__(self, position: int) -> dict[str, Any]:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
+        """A sample by position, or by ``(position, seed)`` as ``EpochSampler`` yields them."""
+        position, seed = item if isinstance(item, tuple) else (item, None)
         sample = self.raw_sample(position)
         if self.augmentation is not None:
-            sample = self.augmentation(sample)
+            if seed is not None:
+                self.augmentation.set_seed(seed)
+            rgb, agl, angle, scale, gsd = self.augmentation(
+                sample[IMAGE], sample[AGL], sample[ANGLE], sample[SCALE], sample[GSD]
+            )
+            sample.update({IMAGE: rgb, AGL: agl, ANGLE: angle, SCALE: scale, GSD: gsd})
         return to_tensors(sample)
+
+
+class EpochSampler(Sampler):
+    """Positions in a seeded order per epoch, each paired with a seed for its augmentation.
+
+    Args:
+        size: Number of samples.
+        seed: The run's seed.
+        shuffle: Permute the positions each epoch (else in order).
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+        self.size = size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the order and seeds of ``epoch`` (call before iterating)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.size) if self.shuffle else np.arange(self.size)
+        seeds = rng.integers(0, 2**31 - 1, size=self.size)
+        return iter([(int(p), int(seeds[p])) for p in order])
 
 
 def to_tensors(sample: dict[str, Any]) -> dict[str, Any]:
