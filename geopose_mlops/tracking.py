@@ -19,7 +19,6 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -225,9 +224,10 @@ class CvTracker:
 
     def log_data(self, cv_run_id: str, folds_table: pd.DataFrame, data_dir: str, data_fingerprint: str) -> None:
         """``folds.csv`` as an artifact and the data set as the run's input (digest = data fingerprint)."""
-        source = LocalArtifactDatasetSource(str(Path(data_dir).resolve()))
+        source = Path(data_dir).resolve().as_uri()
         with warnings.catch_warnings():
-            # Schema inference warns that integer columns cannot hold missing values; fold never does.
+            # MLflow warns that a file:// source fits two equivalent local source types, and that integer
+            # columns cannot hold missing values (fold never does).
             warnings.simplefilter("ignore", UserWarning)
             # The tracking store keeps at most 36 characters of a digest; the full one is a param.
             dataset = mlflow.data.from_pandas(
