@@ -15,10 +15,10 @@ from mlflow.tracking import MlflowClient
 from geopose_mlops.config import ModelConfig, TrainConfig
 from geopose_mlops.constants import KIND_CV, KIND_FOLD, KIND_TAG
 from geopose_mlops.data.synth import make_synthetic_dataset
+from geopose_mlops.tracking import CvTracker
 from geopose_mlops.train.checkpoint import load_checkpoint
 from geopose_mlops.train.cv import run_cross_validation
 from geopose_mlops.train.oof import score_oof_folders
-from geopose_mlops.tracking import CvTracker
 
 REPO = Path(__file__).resolve().parents[1]
 
