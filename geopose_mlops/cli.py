@@ -53,5 +53,31 @@ def evaluate(predictions_dir: Path, truth_dir: Path, output_json: Path | None) -
         )
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; 0.0.0.0 serves the network.")
+@click.option("--port", default=5000, show_default=True, type=int, help="TCP port.")
+@click.option("--backend-store-uri", help="SQLAlchemy URL of the backend store, e.g. postgresql+psycopg2://u@h/db.")
+@click.option(
+    "--artifacts-destination",
+    default="mlartifacts",
+    show_default=True,
+    help="Directory (or s3://..., gs://...) where the server stores the artifacts clients send it.",
+)
+@click.option(
+    "--init-postgres",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Instead of --backend-store-uri: keep a PostgreSQL cluster in this directory (initdb on first use).",
+)
+@click.option("--workers", default=2, show_default=True, type=int, help="Server worker processes.")
+def server(
+    host: str, port: int, backend_store_uri: str | None, artifacts_destination: str, init_postgres: Path | None,
+    workers: int,
+) -> None:  # fmt: skip
+    """Run a shared MLflow tracking server on PostgreSQL with served artifacts (docs/SCALING.md)."""
+    from geopose_mlops.server import serve
+
+    serve(backend_store_uri, artifacts_destination, host, port, workers, init_postgres, echo=click.echo)
+
+
 if __name__ == "__main__":
     main()
