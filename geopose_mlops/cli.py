@@ -92,10 +92,10 @@ def _train_options(command):
     return command
 
 
-def _run_training(folds: str, options: dict) -> None:
+def _train_config(folds: str, options: dict):
+    """The TrainConfig of the train options; pops its options, leaving experiment, resume, cache_dir, ..."""
     from geopose_mlops.config import ModelConfig, TrainConfig
     from geopose_mlops.errors import ConfigError as _ConfigError
-    from geopose_mlops.train.cv import run_cross_validation
 
     try:
         fold_list = None if folds.strip() == "all" else tuple(int(f) for f in folds.split(","))
@@ -104,11 +104,20 @@ def _run_training(folds: str, options: dict) -> None:
     model = ModelConfig(
         encoder=options.pop("encoder"), decoder=options.pop("decoder"), encoder_weights=options.pop("encoder_weights")
     )
-    experiment, resume, cache_dir = options.pop("experiment"), options.pop("resume"), options.pop("cache_dir")
     # 0 and "" stand for "not given", as MLproject parameters cannot be left out.
     options["effective_batch_size"] = options["effective_batch_size"] or None
     options["crop_size"] = options["crop_size"] or None
+    rest = {key: options.pop(key) for key in ("experiment", "resume", "cache_dir", "parent_run_id") if key in options}
     config = TrainConfig(data_dir=str(options.pop("data_dir")), model=model, folds=fold_list, **options)
+    options.update(rest)
+    return config
+
+
+def _run_training(folds: str, options: dict) -> None:
+    from geopose_mlops.train.cv import run_cross_validation
+
+    config = _train_config(folds, options)
+    experiment, resume, cache_dir = options.pop("experiment"), options.pop("resume"), options.pop("cache_dir")
     result = run_cross_validation(config, experiment=experiment, resume_run_id=resume or None, cache_root=cache_dir)
     click.echo(f"cv run {result.run_id}: cv_score {result.cv_score:.4f}")
     for fold, fold_result in result.folds.items():
@@ -118,8 +127,15 @@ def _run_training(folds: str, options: dict) -> None:
 @main.command()
 @_train_options
 @click.option("--folds", default="all", show_default=True, help="Folds to run: all, or e.g. 0,2.")
-def train(folds: str, **options) -> None:
+@click.option(
+    "--parent-run-id",
+    help="Join this shared cv run (`geopose-ml cv start`): train --folds in it with its configuration.",
+)
+def train(folds: str, parent_run_id: str | None, **options) -> None:
     """Train one cross-validation: a parent MLflow run and a nested run per fold."""
+    if parent_run_id:
+        _run_fold_worker(parent_run_id, folds, options)
+        return
     _run_training(folds, options)
 
 
@@ -221,6 +237,53 @@ def server(
     from geopose_mlops.server import serve
 
     serve(backend_store_uri, artifacts_destination, host, port, workers, init_postgres, echo=click.echo)
+
+
+# --- shared cross-validation (issue 7): fold workers on several machines under one cv run -----------
+
+
+def _run_fold_worker(parent_run_id: str, folds: str, options: dict) -> None:
+    from geopose_mlops.train.shared_cv import run_fold_worker
+
+    if folds.strip() == "all":
+        raise ConfigError("--parent-run-id needs --folds: the folds this worker trains, e.g. --folds 1")
+    config = _train_config(folds, options)
+    click.echo(f"joining cv run {parent_run_id}: its configuration is used; data from {config.data_dir}")
+    folds_to_train = list(config.fold_list())
+    result = run_fold_worker(parent_run_id, folds_to_train, config.data_dir, cache_root=options["cache_dir"])
+    for fold, fold_result in result.folds.items():
+        click.echo(f"  fold {fold}: run {fold_result.run_id} best val_score {fold_result.best_score:.4f}")
+    if result.cv is not None:
+        click.echo(f"cv run {result.cv_run_id}: all folds in, cv_score {result.cv.cv_score:.4f}")
+    else:
+        click.echo(f"cv run {result.cv_run_id}: waiting for other folds; the last worker logs cv_score")
+
+
+@main.group()
+def cv() -> None:
+    """A cross-validation shared by several machines (docs/SCALING.md)."""
+
+
+@cv.command("start")
+@_train_options
+@click.option("--folds", default="all", show_default=True, help="Folds that make the cv complete.")
+def cv_start(folds: str, **options) -> None:
+    """Create a shared cv run and print its id; workers then run `train --parent-run-id ID --folds F`."""
+    from geopose_mlops.train.shared_cv import start_shared_cv
+
+    config = _train_config(folds, options)
+    run_id = start_shared_cv(config, options["experiment"], options["cache_dir"])
+    click.echo(run_id)
+
+
+@cv.command("finalize")
+@click.argument("run_id")
+def cv_finalize(run_id: str) -> None:
+    """Log cv_score of shared cv run RUN_ID from all folds' OOF files (exit 1 naming missing folds)."""
+    from geopose_mlops.train.shared_cv import finalize_cv
+
+    result = finalize_cv(run_id)
+    click.echo(f"cv run {run_id}: cv_score {result.cv_score:.4f}")
 
 
 if __name__ == "__main__":
