@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from geopose_mlops.data.dataset import EpochSampler
 from geopose_mlops.server import free_port
 from geopose_mlops.train import distributed
 
@@ -23,7 +24,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         gathered = distributed.gather_to_main([f"img{i}" for i in shard], context)
         sums = distributed.reduce_sum([len(shard), float(sum(shard))], context)
         decision = distributed.broadcast_from_main({"run_id": "abc"} if context.is_main else None, context)
-        sampler = distributed.train_sampler(list(range(10)), context, seed=3)
+        sampler = distributed.ShardedEpochSampler(10, 3, context, batch_size=2)
         sampler.set_epoch(1)
         torch.save(
             {"shard": shard, "gathered": gathered, "sums": sums, "decision": decision, "train": list(sampler)},
@@ -42,11 +43,16 @@ def test_two_gloo_ranks_split_and_gather_validation_exactly_once(tmp_path):
     assert rank1["gathered"] is None
     assert rank0["sums"] == rank1["sums"] == [7.0, 21.0]
     assert rank0["decision"] == rank1["decision"] == {"run_id": "abc"}
-    # The two ranks' training shares partition one epoch's permutation, which one process also sees.
-    single = distributed.train_sampler(list(range(10)), distributed.DistributedContext(), seed=3)
+    # Each rank takes whole micro-batches of the order one process sees (the same augmentation seeds):
+    # blocks of 2 ranks x 2 images, and an equal share of the short last block.
+    single = EpochSampler(10, seed=3)
     single.set_epoch(1)
     order = list(single)
-    assert rank0["train"] == order[0::2] and rank1["train"] == order[1::2]
+    assert rank0["train"] == order[0:2] + order[4:6] + order[8:9]
+    assert rank1["train"] == order[2:4] + order[6:8] + order[9:10]
+    one_process = distributed.ShardedEpochSampler(10, 3, distributed.DistributedContext(), batch_size=2)
+    one_process.set_epoch(1)
+    assert list(one_process) == order
 
 
 def test_single_process_context_is_identity():

@@ -6,14 +6,17 @@ process or many. Without torchrun (``WORLD_SIZE`` unset or 1) every function is 
 The choices, and why:
 
 - **Backend**: NCCL when each rank has a GPU, gloo on CPU.
-- **Training data**: a ``DistributedSampler`` over the training set in every case (one process
-  included), shuffled per epoch by ``set_epoch`` from the run's seed. ``batch_size`` is per rank and
-  ``effective_batch_size`` is global (images per optimiser step over all ranks), so one process with
-  ``batch_size=4`` and two ranks with ``batch_size=2`` step over the same images in the same order.
-  DistributedDataParallel averages gradients over ranks, the same mean a single process takes.
-- **BatchNorm**: converted to ``SyncBatchNorm`` on CUDA so the statistics are taken over the global
-  batch, as one process would. PyTorch's SyncBatchNorm has no CPU kernel, so gloo runs keep per-rank
-  statistics; that is the only difference from one process (see docs/SCALING.md for its size).
+- **Training data**: :class:`ShardedEpochSampler` in every case (one process included): the run's
+  seeded order per epoch, each rank taking whole micro-batches of it. ``batch_size`` is per rank and
+  ``effective_batch_size`` is global (images per optimiser step over all ranks), so two ranks with
+  ``batch_size=2, effective_batch_size=4`` compute the very micro-batches one process computes with
+  ``batch_size=2, effective_batch_size=4`` (two accumulated micro-batches). DistributedDataParallel
+  averages the gradients over ranks: the mean one process accumulates.
+- **BatchNorm**: batch statistics over each micro-batch, as configured by ``batch_size``, in both
+  cases, so training matches (no ``SyncBatchNorm``: it would normalise over N x B images, which one
+  process with micro-batch B never does). The running statistics used at validation differ slightly:
+  DDP keeps rank 0's (updated once per step, from its micro-batch), where one process updates them
+  after every micro-batch.
 - **Validation**: split across ranks (rank r takes images r, r+N, ...: every image exactly once, no
   padding duplicates), predictions gathered to rank 0 in the original order, and the metric computed
   there over all images, then broadcast so every rank takes the same early-stopping and pruning
@@ -28,15 +31,19 @@ The choices, and why:
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset, DistributedSampler
+
+from geopose_mlops.data.dataset import EpochSampler
+from geopose_mlops.train.oof import OofPredictions
 
 T = TypeVar("T")
 
@@ -123,7 +130,6 @@ def wrap_model(model: nn.Module, context: DistributedContext) -> nn.Module:
     if not context.enabled:
         return model
     if context.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return nn.parallel.DistributedDataParallel(model, device_ids=[context.local_rank])
     return nn.parallel.DistributedDataParallel(model)
 
@@ -133,15 +139,43 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def train_sampler(dataset: Dataset, context: DistributedContext, seed: int) -> DistributedSampler:
-    """A sampler that shuffles per epoch (call ``set_epoch``) and gives this rank its share.
+class ShardedEpochSampler(EpochSampler):
+    """``EpochSampler``'s order and augmentation seeds, cut so each rank gets whole micro-batches.
 
-    Used with one process too (``num_replicas=1``): the permutation depends only on the seed and the
-    epoch, so one process and N ranks see the same images per optimiser step.
+    The epoch's order is padded by wrapping around to a multiple of ``world_size`` (as
+    ``DistributedSampler`` does) so every rank takes the same number of optimiser steps, which DDP
+    needs. It is then read in blocks of ``world_size x batch_size`` positions, rank r taking the r-th
+    ``batch_size`` positions of each block (an equal share of a short last block). So N ranks with
+    micro-batch B see exactly the micro-batches one process sees with B and N-fold gradient
+    accumulation, and with one process the order is exactly ``EpochSampler``'s.
+
+    Args:
+        size: Number of training samples.
+        seed: The run's seed.
+        context: This rank's place in the job.
+        batch_size: Micro-batch per rank.
+        shuffle: Permute the positions each epoch.
     """
-    return DistributedSampler(
-        dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True, seed=seed, drop_last=False
-    )
+
+    def __init__(
+        self, size: int, seed: int, context: DistributedContext, batch_size: int, shuffle: bool = True
+    ) -> None:
+        super().__init__(size, seed, shuffle)
+        self.rank, self.world_size, self.batch_size = context.rank, context.world_size, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(self.size / self.world_size)
+
+    def __iter__(self):
+        pairs = list(super().__iter__())
+        pairs += pairs[: len(self) * self.world_size - len(pairs)]
+        mine = []
+        block = self.world_size * self.batch_size
+        for start in range(0, len(pairs), block):
+            chunk = pairs[start : start + block]
+            share = len(chunk) // self.world_size
+            mine += chunk[self.rank * share : (self.rank + 1) * share]
+        return iter(mine)
 
 
 def shard_indices(count: int, context: DistributedContext) -> list[int]:
@@ -171,6 +205,24 @@ def gather_to_main(items: Sequence[T], context: DistributedContext) -> list[T] |
     return merged
 
 
+def gather_oof(oof: OofPredictions, context: DistributedContext) -> OofPredictions | None:
+    """Every rank's validation predictions (of its :func:`shard_indices`) as one, in the original order.
+
+    Returns:
+        On rank 0 the predictions for all validation images; None on the other ranks.
+    """
+    if not context.enabled:
+        return oof
+    arrays = ("gsd", "scale_true", "angle_true", "scale_pred", "angle_pred", "agl_pred", "agl_true")
+    rows = [(oof.sample_ids[i], oof.cities[i], *(getattr(oof, name)[i] for name in arrays)) for i in range(len(oof))]
+    merged = gather_to_main(rows, context)
+    if merged is None:
+        return None
+    columns = list(zip(*merged, strict=True))
+    values = {name: np.stack(column) for name, column in zip(arrays, columns[2:], strict=True)}
+    return OofPredictions(sample_ids=list(columns[0]), cities=list(columns[1]), **values)
+
+
 def broadcast_from_main(value: T, context: DistributedContext) -> T:
     """Rank 0's ``value`` on every rank (run ids, scores, the pruning decision)."""
     if not context.enabled:
@@ -187,6 +239,31 @@ def reduce_sum(values: Sequence[float], context: DistributedContext) -> list[flo
     tensor = torch.tensor(list(values), dtype=torch.float64, device=context.device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
+
+
+# The tracker methods that change the tracking store (see tracking.CvTracker); rank 0 alone calls them.
+TRACKER_WRITES = frozenset(
+    {"start_cv_run", "start_fold_run", "reopen", "end_run", "log_epoch", "log_fold_summary", "log_cv_scores",
+     "log_data", "log_config", "log_checkpoint", "log_oof"}
+)  # fmt: skip
+
+
+class MainRankTracker:
+    """A tracker whose writes happen on rank 0 only: elsewhere they do nothing and return None.
+
+    Reads (``fold_runs``, ``logged_epochs``, downloads) go through on every rank. A write's return
+    value (a new run id) exists only on rank 0; share it with :func:`broadcast_from_main`.
+    """
+
+    def __init__(self, tracker: Any, context: DistributedContext) -> None:
+        self._tracker = tracker
+        self._context = context
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._tracker, name)
+        if name in TRACKER_WRITES and not self._context.is_main:
+            return lambda *args, **kwargs: None
+        return attribute
 
 
 def barrier(context: DistributedContext) -> None:
