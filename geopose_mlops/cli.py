@@ -6,6 +6,7 @@ exits 1 (bad data or run-time failure) or 2 (bad arguments or configuration, not
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -119,6 +120,8 @@ def _run_training(folds: str, options: dict) -> None:
     config = _train_config(folds, options)
     experiment, resume, cache_dir = options.pop("experiment"), options.pop("resume"), options.pop("cache_dir")
     result = run_cross_validation(config, experiment=experiment, resume_run_id=resume or None, cache_root=cache_dir)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports
     click.echo(f"cv run {result.run_id}: cv_score {result.cv_score:.4f}")
     for fold, fold_result in result.folds.items():
         click.echo(f"  fold {fold}: best val_score {fold_result.best_score:.4f} at epoch {fold_result.best_epoch}")

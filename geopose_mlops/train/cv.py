@@ -181,7 +181,7 @@ def train_fold(
         optimizer.load_state_dict(state["optimizer"])
         precision.scaler.load_state_dict(state["scaler"])
         start_epoch, best_score, best_epoch = state["epoch"] + 1, state["best_score"], state["best_epoch"]
-        if state["epoch"] not in tracker.logged_epochs(fold_run_id):
+        if context.is_main and state["epoch"] not in tracker.logged_epochs(fold_run_id):
             tracker.log_epoch(fold_run_id, state["epoch"], state["metrics"])
     train_model = distributed.wrap_model(model, context)  # DDP across ranks; ``model`` itself otherwise
 
@@ -296,7 +296,7 @@ def run_cross_validation(
     try:
         return _run_cross_validation(
             config, experiment, resume_run_id, parent_run_id, run_id, tags, on_epoch_end, cache_root, work_dir,
-            progress and context.is_main, context, CvTracker(experiment),
+            progress and context.is_main, context, CvTracker(experiment) if context.is_main else None,
         )  # fmt: skip
     finally:
         distributed.cleanup_distributed(context)
@@ -320,10 +320,14 @@ def _run_cross_validation(
     folds_table = None
     existing: dict = {}
     if resume_run_id:
-        run_id, _ = tracker.resume_target(resume_run_id)
-        config = load_json_config(TrainConfig, tracker.download_artifact(run_id, "config.json"))
-        folds_table = pd.read_csv(tracker.download_artifact(run_id, FOLDS_CSV))
-        existing = tracker.fold_runs(run_id)
+        if context.is_main:
+            run_id, _ = tracker.resume_target(resume_run_id)
+            config = load_json_config(TrainConfig, tracker.download_artifact(run_id, "config.json"))
+            folds_table = pd.read_csv(tracker.download_artifact(run_id, FOLDS_CSV))
+            existing = tracker.fold_runs(run_id)
+        run_id, config, folds_table, existing = distributed.broadcast_from_main(
+            (run_id, config, folds_table, existing), context
+        )
     if not context.is_main:
         distributed.barrier(context)  # rank 0 builds the cache first; the others then open it
     data = prepare_data(config, cache_root, folds_table)

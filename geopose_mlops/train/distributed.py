@@ -241,18 +241,12 @@ def reduce_sum(values: Sequence[float], context: DistributedContext) -> list[flo
     return tensor.tolist()
 
 
-# The tracker methods that change the tracking store (see tracking.CvTracker); rank 0 alone calls them.
-TRACKER_WRITES = frozenset(
-    {"start_cv_run", "start_fold_run", "reopen", "end_run", "log_epoch", "log_fold_summary", "log_cv_scores",
-     "log_data", "log_config", "log_checkpoint", "log_oof"}
-)  # fmt: skip
-
-
 class MainRankTracker:
-    """A tracker whose writes happen on rank 0 only: elsewhere they do nothing and return None.
+    """The tracker on rank 0; on every other rank each of its methods does nothing and returns None.
 
-    Reads (``fold_runs``, ``logged_epochs``, downloads) go through on every rank. A write's return
-    value (a new run id) exists only on rank 0; share it with :func:`broadcast_from_main`.
+    Only rank 0 talks to the tracking store (an SQLite store opened by several processes at once
+    would even race on its schema). What other ranks need from it, rank 0 broadcasts with
+    :func:`broadcast_from_main`.
     """
 
     def __init__(self, tracker: Any, context: DistributedContext) -> None:
@@ -260,10 +254,9 @@ class MainRankTracker:
         self._context = context
 
     def __getattr__(self, name: str) -> Any:
-        attribute = getattr(self._tracker, name)
-        if name in TRACKER_WRITES and not self._context.is_main:
-            return lambda *args, **kwargs: None
-        return attribute
+        if self._context.is_main:
+            return getattr(self._tracker, name)
+        return lambda *args, **kwargs: None
 
 
 def barrier(context: DistributedContext) -> None:
