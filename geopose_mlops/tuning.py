@@ -1,7 +1,7 @@
 """Optuna studies over the learning rate and effective batch size (SPEC §3 ``tune``, §4 study/trial runs).
 
 A study is a YAML file under ``studies/`` (see ``studies/lr_batch.yaml``) loaded into a frozen
-``StudyConfig``. Running the same file again resumes the study (``load_if_exists``): new trials join
+``StudyConfig`` (``study_config``). Running the same file again resumes the study (``load_if_exists``): new trials join
 the old ones in the Optuna storage and, in MLflow, under the same ``study`` run.
 
 Each trial is one cross-validation (``train.cv.run_cross_validation``) whose top run is a ``trial`` run
@@ -24,254 +24,31 @@ Every MLflow call lives in ``tracking_tuning``; this module only talks to Optuna
 from __future__ import annotations
 
 import math
-import re
-import types
-import typing
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
+from sqlalchemy.engine import make_url
 
-from geopose_mlops.config import TrainConfig, from_dict
-from geopose_mlops.constants import DEFAULT_EXPERIMENT
-from geopose_mlops.errors import ConfigError
+from geopose_mlops.config import TrainConfig, flatten
+from geopose_mlops.errors import ConfigError, GeoposeError
+from geopose_mlops.study_config import PrunerConfig, SamplerConfig, SearchSpace, StudyConfig, load_study_config
+from geopose_mlops.tracking_tuning import StudyTracker
 
-SAMPLERS = ("tpe", "random")
-PRUNERS = ("median", "hyperband", "none")
-OBJECTIVES = ("fold0", "cv")
-BATCH_SCALES = ("log", "pow2")
-LR_BOUNDS = (1e-8, 1.0)  # the widest learning-rate range a study may search
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
-@dataclass(frozen=True)
-class LearningRateRange:
-    """Learning-rate search range (AdamW peak rate).
-
-    Attributes:
-        low: Smallest rate, > 0.
-        high: Largest rate, > ``low``.
-        log: Sample log-uniformly (the usual choice for rates spanning decades).
-    """
-
-    low: float = 1e-5
-    high: float = 1e-3
-    log: bool = True
-
-    def __post_init__(self) -> None:
-        lo, hi = LR_BOUNDS
-        _check(
-            lo <= self.low < self.high <= hi,
-            f"search_space.lr: need {lo:g} <= low < high <= {hi:g}, got low={self.low!r} high={self.high!r}",
-        )
-
-
-@dataclass(frozen=True)
-class BatchSizeRange:
-    """Effective-batch-size search range (images per optimiser step).
-
-    Attributes:
-        low: Smallest effective batch, >= 1.
-        high: Largest effective batch, <= 128.
-        scale: ``log`` (any integer, log-uniform) or ``pow2`` (powers of two only; low and high must be).
-        max_micro_batch: Most images that go through the model at once (what fits in memory); the rest
-            of an effective batch is reached by gradient accumulation.
-    """
-
-    low: int = 1
-    high: int = 128
-    scale: str = "pow2"
-    max_micro_batch: int = 8
-
-    def __post_init__(self) -> None:
-        _check(
-            1 <= self.low <= self.high <= 128,
-            f"search_space.effective_batch_size: need 1 <= low <= high <= 128, got low={self.low} high={self.high}",
-        )
-        _check(self.scale in BATCH_SCALES, f"search_space.effective_batch_size.scale: one of {BATCH_SCALES}")
-        if self.scale == "pow2":
-            bad = [v for v in (self.low, self.high) if v & (v - 1)]
-            _check(not bad, f"search_space.effective_batch_size: with scale pow2, {bad} are not powers of two")
-        _check(
-            1 <= self.max_micro_batch <= 128,
-            f"search_space.effective_batch_size.max_micro_batch must be in [1, 128], got {self.max_micro_batch}",
-        )
-
-
-@dataclass(frozen=True)
-class SearchSpace:
-    """What a trial samples; everything else comes from ``StudyConfig.train``."""
-
-    lr: LearningRateRange = field(default_factory=LearningRateRange)
-    effective_batch_size: BatchSizeRange = field(default_factory=BatchSizeRange)
-
-
-@dataclass(frozen=True)
-class SamplerConfig:
-    """Optuna sampler: ``tpe`` (default) or ``random``, seeded.
-
-    Attributes:
-        name: Sampler name.
-        seed: Seed of the sampler's random stream.
-        n_startup_trials: TPE only: random trials before the model takes over.
-    """
-
-    name: str = "tpe"
-    seed: int = 0
-    n_startup_trials: int = 10
-
-    def __post_init__(self) -> None:
-        _check(self.name in SAMPLERS, f"sampler.name: expected one of {SAMPLERS}, got {self.name!r}")
-        _check(self.n_startup_trials >= 0, f"sampler.n_startup_trials must be >= 0, got {self.n_startup_trials}")
-
-
-@dataclass(frozen=True)
-class PrunerConfig:
-    """Optuna pruner: ``median``, ``hyperband`` or ``none``. A step is one epoch (of one fold).
-
-    Attributes:
-        name: Pruner name.
-        n_startup_trials: Median: trials that run to the end before any is pruned.
-        n_warmup_steps: Median: epochs of a trial that are never pruned.
-        min_resource: Hyperband: epochs every trial gets before the first cut.
-        reduction_factor: Hyperband: 1 / the fraction of trials promoted at each rung.
-    """
-
-    name: str = "median"
-    n_startup_trials: int = 5
-    n_warmup_steps: int = 0
-    min_resource: int = 1
-    reduction_factor: int = 3
-
-    def __post_init__(self) -> None:
-        _check(self.name in PRUNERS, f"pruner.name: expected one of {PRUNERS}, got {self.name!r}")
-        _check(self.n_startup_trials >= 0 and self.n_warmup_steps >= 0, "pruner: startup/warm-up counts must be >= 0")
-        _check(self.min_resource >= 1 and self.reduction_factor >= 2, "pruner: need min_resource >= 1, factor >= 2")
-
-
-@dataclass(frozen=True)
-class StudyConfig:
-    """One Optuna study: what is fixed, what is searched, and where trials are stored.
-
-    Attributes:
-        study_name: Optuna study name; also tags the MLflow study run (``optuna.study_name``).
-        train: The fixed training configuration; each trial replaces ``lr``, ``batch_size`` and
-            ``effective_batch_size`` (and ``folds`` for the ``fold0`` objective).
-        storage: Optuna storage URL (None: ``sqlite:///<folder of the YAML>/<study_name>.db``).
-        direction: ``maximize`` (the score) or ``minimize``.
-        objective: ``fold0`` (best validation score of fold 0) or ``cv`` (mean over ``train.folds``).
-        sampler: The sampler.
-        pruner: The pruner.
-        search_space: The searched parameters.
-        experiment: MLflow experiment of the study and trial runs.
-        n_trials: Trials per ``tune`` invocation unless ``--n-trials`` says otherwise.
-        heartbeat_interval: Seconds between a running trial's heartbeats.
-        grace_period: Seconds without a heartbeat after which a running trial counts as dead.
-        max_retry: Times a dead (failed) trial is queued again; 0 turns retries off.
-        sqlite_timeout: Seconds a SQLite writer waits for a lock before failing.
-    """
-
-    study_name: str
-    train: TrainConfig
-    storage: str | None = None
-    direction: str = "maximize"
-    objective: str = "fold0"
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    pruner: PrunerConfig = field(default_factory=PrunerConfig)
-    search_space: SearchSpace = field(default_factory=SearchSpace)
-    experiment: str = DEFAULT_EXPERIMENT
-    n_trials: int = 20
-    heartbeat_interval: int = 60
-    grace_period: int = 180
-    max_retry: int = 1
-    sqlite_timeout: float = 60.0
-
-    def __post_init__(self) -> None:
-        _check(bool(re.fullmatch(r"[\w.-]+", self.study_name)), f"study_name: letters, digits, _.- only: {self.study_name!r}")
-        _check(self.direction in ("maximize", "minimize"), f"direction: maximize or minimize, got {self.direction!r}")
-        _check(self.objective in OBJECTIVES, f"objective: expected one of {OBJECTIVES}, got {self.objective!r}")
-        _check(self.n_trials >= 1, f"n_trials must be >= 1, got {self.n_trials}")
-        _check(self.heartbeat_interval >= 1, f"heartbeat_interval must be >= 1 s, got {self.heartbeat_interval}")
-        _check(
-            self.grace_period > self.heartbeat_interval,
-            f"grace_period ({self.grace_period} s) must exceed heartbeat_interval ({self.heartbeat_interval} s)",
-        )
-        _check(self.max_retry >= 0 and self.sqlite_timeout > 0, "max_retry must be >= 0 and sqlite_timeout > 0")
-
-
-def _check_types(cls: type, values: Any, where: str) -> None:
-    """Name the first value whose type does not match its field (``from_dict`` only checks the keys)."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        if f.name in values:
-            _check_value(hints[f.name], values[f.name], f"{where}.{f.name}")
-
-
-def _check_value(hint: Any, value: Any, where: str) -> None:
-    if is_dataclass(hint):
-        _check_types(hint, value, where)
-        return
-    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    options = typing.get_args(hint) if union else (hint,)
-    for option in options:
-        if option is type(None) and value is None:
-            return
-        if option is bool and isinstance(value, bool):
-            return
-        if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return
-        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return
-        if option is str and isinstance(value, str):
-            return
-        if typing.get_origin(option) is tuple and isinstance(value, list | tuple):
-            if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-                return
-    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
-    raise ConfigError(f"{where}: expected {names}, got {value!r}")
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-5`` as a float (YAML 1.1 wants ``1.0e-5``)."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
-    list("-+0123456789."),
-)
-
-
-def load_study_config(path: str | Path) -> StudyConfig:
-    """Read and validate a study file; a relative default storage goes beside the file.
-
-    Raises:
-        ConfigError: The file is unreadable, a key is unknown, or a value has the wrong type or range
-            (the message names the file and the key).
-    """
-    path = Path(path)
-    try:
-        values = yaml.load(path.read_text(), Loader=_YamlLoader)
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read study file ({err})") from err
-    where = str(path)
-    _check_types(StudyConfig, values, where)
-    try:
-        config = from_dict(StudyConfig, values, where)
-    except ConfigError as err:
-        raise ConfigError(err if str(err).startswith(where) else f"{where}: {err}") from err
-    if config.storage is None:
-        config = replace(config, storage=f"sqlite:///{path.resolve().parent / config.study_name}.db")
-    return config
+__all__ = [
+    "StudyConfig",
+    "build_pruner",
+    "build_sampler",
+    "build_storage",
+    "load_study_config",
+    "micro_batch_size",
+    "run_study",
+    "suggest_hyperparameters",
+    "trial_train_config",
+]
 
 
 def micro_batch_size(effective_batch_size: int, max_micro_batch: int) -> int:
@@ -294,9 +71,7 @@ def suggest_hyperparameters(trial: optuna.Trial, space: SearchSpace) -> dict[str
     lr = trial.suggest_float("lr", space.lr.low, space.lr.high, log=space.lr.log)
     batch = space.effective_batch_size
     if batch.scale == "pow2":
-        exponent = trial.suggest_int(
-            "log2_effective_batch_size", int(math.log2(batch.low)), int(math.log2(batch.high))
-        )
+        exponent = trial.suggest_int("log2_effective_batch_size", int(math.log2(batch.low)), int(math.log2(batch.high)))
         effective = 2**exponent
     else:
         effective = trial.suggest_int("effective_batch_size", batch.low, batch.high, log=True)
@@ -366,9 +141,171 @@ def build_storage(config: StudyConfig, url: str | None = None) -> optuna.storage
     )
 
 
+def study_params(config: StudyConfig) -> dict[str, str]:
+    """The study run's params (SPEC §4): name, sampler, pruner, objective, search space, fixed config."""
+    lr, batch = config.search_space.lr, config.search_space.effective_batch_size
+    params = {
+        "study_name": config.study_name,
+        "direction": config.direction,
+        "objective": config.objective,
+        "sampler": config.sampler.name,
+        "sampler_seed": str(config.sampler.seed),
+        "pruner": config.pruner.name,
+        "search_space.lr": f"{'log' if lr.log else 'uniform'}[{lr.low:g}, {lr.high:g}]",
+        "search_space.effective_batch_size": f"{batch.scale}[{batch.low}, {batch.high}]",
+        "search_space.max_micro_batch": str(batch.max_micro_batch),
+    }
+    params.update(flatten(config.train, "train."))
+    return params
+
+
+def make_objective(
+    config: StudyConfig, tracker: StudyTracker, study_run_id: str, **train_kwargs: Any
+) -> Callable[[optuna.Trial], float]:
+    """The Optuna objective: one tracked cross-validation per trial, pruned between epochs.
+
+    Args:
+        config: The study.
+        tracker: Creates and closes the trial runs.
+        study_run_id: The study run the trial runs nest under.
+        **train_kwargs: Passed to ``run_cross_validation`` (``cache_root``, ``device``, ``progress``).
+
+    Returns:
+        ``objective(trial) -> value``: the best validation score of fold 0 (``fold0``) or the mean of
+        the folds' best validation scores (``cv``).
+    """
+    from geopose_mlops.train.cv import run_cross_validation
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest_hyperparameters(trial, config.search_space)
+        for key, value in params.items():
+            trial.set_user_attr(key, value)
+        train = trial_train_config(config, params)
+        run_id = tracker.start_trial_run(study_run_id, trial.number, params)
+        trial.set_user_attr("mlflow_run_id", run_id)
+        position = {fold: i for i, fold in enumerate(train.fold_list())}
+        reported: list[int] = []
+
+        def on_epoch_end(fold: int, epoch: int, metrics: dict[str, float]) -> None:
+            step = position[fold] * train.epochs + epoch  # folds run one after another
+            tracker.log_trial_epoch(run_id, step, metrics)
+            trial.report(metrics["val_score"], step)
+            reported.append(step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"trial {trial.number}: val_score {metrics['val_score']:.4f} at step {step}")
+
+        try:
+            result = run_cross_validation(
+                train,
+                experiment=config.experiment,
+                parent_run_id=study_run_id,
+                run_id=run_id,
+                tags=tracker.trial_tags(trial.number),
+                on_epoch_end=on_epoch_end,
+                **train_kwargs,
+            )
+        except optuna.TrialPruned:
+            tracker.end_trial(run_id, "PRUNED", step=reported[-1])
+            raise
+        except BaseException:
+            tracker.end_trial(run_id, "FAILED")
+            raise
+        value = sum(f.best_score for f in result.folds.values()) / len(result.folds)
+        tracker.end_trial(run_id, "COMPLETE", value)
+        return value
+
+    return objective
+
+
+def study_figures(study: optuna.Study) -> dict[str, Any]:
+    """Optimization history (>= 1 completed trial) and parameter importances (>= 2), as figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never open a window
+    from optuna.visualization import matplotlib as plots
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    figures: dict[str, Any] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if complete:
+            figures["optimization_history"] = plots.plot_optimization_history(study).figure
+        # Importances need two completed trials whose parameters and values differ.
+        if len(complete) >= 2 and len({t.value for t in complete}) >= 2:
+            try:
+                figures["param_importances"] = plots.plot_param_importances(study).figure
+            except (ValueError, RuntimeError, ZeroDivisionError) as err:
+                warnings.warn(f"study {study.study_name}: no parameter-importance plot ({err})", stacklevel=2)
+    return figures
+
+
+def summarize_study(study: optuna.Study, tracker: StudyTracker, study_run_id: str) -> None:
+    """Log the best trial, trial counts, the trials table and the plots on the study run."""
+    import matplotlib.pyplot as plt
+
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    state = optuna.trial.TrialState
+    metrics: dict[str, float] = {
+        f"n_trials_{s.name.lower()}": states.count(s) for s in (state.COMPLETE, state.PRUNED, state.FAIL)
+    }
+    tags: dict[str, str] = {}
+    if state.COMPLETE in states:
+        best = study.best_trial
+        metrics["best_value"] = best.value
+        metrics["best_trial_number"] = best.number
+        metrics.update({f"best_{k}": best.user_attrs[k] for k in ("lr", "effective_batch_size", "batch_size")})
+        tags = {"best_trial.number": str(best.number), "best_trial.mlflow_run_id": best.user_attrs["mlflow_run_id"]}
+    figures = study_figures(study)
+    try:
+        tracker.log_study_summary(study_run_id, metrics, tags, study.trials_dataframe(), figures, step=len(states))
+    finally:
+        for figure in figures.values():
+            plt.close(figure)
+
+
+def run_study(
+    config: StudyConfig,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    storage: str | None = None,
+    **train_kwargs: Any,
+) -> optuna.Study:
+    """Create or resume a study, run trials, and log the summary on its MLflow study run.
+
+    Args:
+        config: The study.
+        n_trials: Trials this invocation runs (None: ``config.n_trials``); other workers add theirs.
+        timeout: Start no new trial after this many seconds (None: no limit).
+        storage: Storage URL overriding the study file's (e.g. ``postgresql://user:pw@host/db``).
+        **train_kwargs: Passed to ``run_cross_validation`` (``cache_root``, ``device``, ``progress``).
+
+    Returns:
+        The study, with the trials of every invocation and worker so far.
+    """
+    url = storage or config.storage
+    full_trial = trial_train_config(config, {"lr": 1e-4, "batch_size": 1, "effective_batch_size": 1})
+    study = optuna.create_study(
+        storage=build_storage(config, url),
+        sampler=build_sampler(config.sampler),
+        pruner=build_pruner(config.pruner, max_resource=trial_steps(full_trial)),
+        study_name=config.study_name,
+        direction=config.direction,
+        load_if_exists=True,
+    )
+    tracker = StudyTracker(config.experiment)
+    study_run_id = tracker.study_run(config.study_name, make_url(url).render_as_string(hide_password=True))
+    study.set_user_attr("mlflow_run_id", study_run_id)
+    tracker.log_study_params(study_run_id, study_params(config))
+    objective = make_objective(config, tracker, study_run_id, **train_kwargs)
+    try:
+        # A diverging trial (non-finite loss) fails on its own; the study goes on.
+        study.optimize(objective, n_trials=n_trials or config.n_trials, timeout=timeout, catch=(GeoposeError,))
+    finally:
+        summarize_study(study, tracker, study_run_id)
+        tracker.end_study_run(study_run_id)
+    return study
+
+
 def trial_steps(train: TrainConfig) -> int:
     """Steps one full trial reports: epochs per fold times folds."""
     return train.epochs * len(train.fold_list())
-
-
-ObjectiveFn = Callable[[optuna.Trial], float]
