@@ -14,6 +14,7 @@ import os
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -45,7 +46,10 @@ def code_version() -> str:
         )
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=package_dir, capture_output=True, text=True, timeout=10,
+            cwd=package_dir,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
     except (OSError, subprocess.SubprocessError):
         return version
@@ -96,9 +100,7 @@ class CvTracker:
         """The experiment's id (it is created on first use)."""
         if self._experiment_id is None:
             found = self.client.get_experiment_by_name(self.experiment_name)
-            self._experiment_id = (
-                found.experiment_id if found else self.client.create_experiment(self.experiment_name)
-            )
+            self._experiment_id = found.experiment_id if found else self.client.create_experiment(self.experiment_name)
         return self._experiment_id
 
     # --- runs ---------------------------------------------------------------------------------------
@@ -222,9 +224,15 @@ class CvTracker:
 
     def log_data(self, cv_run_id: str, folds_table: pd.DataFrame, data_dir: str, data_fingerprint: str) -> None:
         """``folds.csv`` as an artifact and the data set as the run's input (digest = data fingerprint)."""
-        dataset = mlflow.data.from_pandas(
-            folds_table, source=str(Path(data_dir).resolve()), name="geopose-train", digest=data_fingerprint[:36]
-        )
+        source = Path(data_dir).resolve().as_uri()
+        with warnings.catch_warnings():
+            # MLflow warns that a file:// source fits two equivalent local source types, and that integer
+            # columns cannot hold missing values (fold never does).
+            warnings.simplefilter("ignore", UserWarning)
+            # The tracking store keeps at most 36 characters of a digest; the full one is a param.
+            dataset = mlflow.data.from_pandas(
+                folds_table, source=source, name="geopose-train", digest=data_fingerprint[:36]
+            )
         context = InputTag(key=MLFLOW_DATASET_CONTEXT, value="training")
         # The client form of mlflow.log_input: the run is addressed by id, not by the active-run stack.
         self.client.log_inputs(cv_run_id, [DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[context])])

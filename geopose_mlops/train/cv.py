@@ -136,7 +136,6 @@ def train_fold(
     Raises:
         GeoposeError: The fold has no training or validation images, or the loss became non-finite.
     """
-    from geopose_mlops.data.augment import build_train_augmentation
     from geopose_mlops.models.factory import build_model
     from geopose_mlops.models.losses import build_loss
 
@@ -166,7 +165,11 @@ def train_fold(
         if state["epoch"] not in tracker.logged_epochs(fold_run_id):
             tracker.log_epoch(fold_run_id, state["epoch"], state["metrics"])
 
-    augmentation = build_train_augmentation(crop_size=config.crop_size) if config.augment else None
+    augmentation = None
+    if config.augment:
+        from geopose_mlops.data.augment import build_train_augmentation
+
+        augmentation = build_train_augmentation(crop_size=config.crop_size)
     train_set = GeoposeDataset(data.cache, data.cache.rows(train_ids), augmentation)
     sampler = EpochSampler(len(train_set), seed=config.seed * 1000 + fold, shuffle=True)
     train_loader = loop.make_loader(train_set, config.batch_size, config.num_workers, sampler)
@@ -187,8 +190,15 @@ def train_fold(
             sampler.set_epoch(epoch)
             try:
                 result = loop.train_one_epoch(
-                    model, train_loader, optimizer, loss_fn, precision, config.accumulation_steps,
-                    lr_at_step, first_step=epoch * steps_per_epoch, epoch=epoch,
+                    model,
+                    train_loader,
+                    optimizer,
+                    loss_fn,
+                    precision,
+                    config.accumulation_steps,
+                    lr_at_step,
+                    first_step=epoch * steps_per_epoch,
+                    epoch=epoch,
                 )
             except GeoposeError as err:
                 kept = f"epoch {epoch - 1}" if epoch > 0 else "none yet"
@@ -199,15 +209,30 @@ def train_fold(
             if best_epoch < 0 or metrics["val_score"] > best_score:
                 best_score, best_epoch = metrics["val_score"], epoch
                 best = save_checkpoint(
-                    work_dir / BEST_NAME, model, optimizer, precision.scaler, config, fold, epoch,
-                    best_score, best_epoch,
+                    work_dir / BEST_NAME,
+                    model,
+                    optimizer,
+                    precision.scaler,
+                    config,
+                    fold,
+                    epoch,
+                    best_score,
+                    best_epoch,
                 )
                 tracker.log_checkpoint(fold_run_id, best)
                 tracker.log_oof(fold_run_id, oof.save(work_dir / "oof"))
             metrics["epoch_seconds"] = time.perf_counter() - start
             last = save_checkpoint(
-                work_dir / LAST_NAME, model, optimizer, precision.scaler, config, fold, epoch,
-                best_score, best_epoch, metrics,
+                work_dir / LAST_NAME,
+                model,
+                optimizer,
+                precision.scaler,
+                config,
+                fold,
+                epoch,
+                best_score,
+                best_epoch,
+                metrics,
             )
             tracker.log_checkpoint(fold_run_id, last)
             tracker.log_epoch(fold_run_id, epoch, metrics)
@@ -290,13 +315,18 @@ def run_cross_validation(
                     )
                     continue
                 results[fold] = train_fold(
-                    config, data, fold, tracker, cv_run_id, root / cv_run_id / f"fold_{fold}",
+                    config,
+                    data,
+                    fold,
+                    tracker,
+                    cv_run_id,
+                    root / cv_run_id / f"fold_{fold}",
                     fold_run_id=run.info.run_id if run is not None else None,
-                    device=device, on_epoch_end=on_epoch_end, progress=progress,
+                    device=device,
+                    on_epoch_end=on_epoch_end,
+                    progress=progress,
                 )
-            oof_dirs = [
-                tracker.download_oof(r.run_id, Path(tmp) / "oof" / f"fold_{f}") for f, r in results.items()
-            ]
+            oof_dirs = [tracker.download_oof(r.run_id, Path(tmp) / "oof" / f"fold_{f}") for f, r in results.items()]
             scores = score_oof_folders(oof_dirs)
             tracker.log_cv_scores(cv_run_id, scores)
         except BaseException:
