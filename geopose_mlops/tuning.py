@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -43,6 +44,7 @@ __all__ = [
     "build_pruner",
     "build_sampler",
     "build_storage",
+    "describe_study",
     "load_study_config",
     "micro_batch_size",
     "run_study",
@@ -130,15 +132,16 @@ def build_storage(config: StudyConfig, url: str | None = None) -> optuna.storage
             Path(db_path).parent.mkdir(parents=True, exist_ok=True)
     else:
         engine_kwargs["pool_pre_ping"] = True  # a server may drop idle connections during long trials
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=config.heartbeat_interval,
-        grace_period=config.grace_period,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=config.max_retry)
-        if config.max_retry
-        else None,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat and retry
+        retry = optuna.storages.RetryFailedTrialCallback(max_retry=config.max_retry) if config.max_retry else None
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=config.heartbeat_interval,
+            grace_period=config.grace_period,
+            failed_trial_callback=retry,
+        )
 
 
 def study_params(config: StudyConfig) -> dict[str, str]:
@@ -155,7 +158,8 @@ def study_params(config: StudyConfig) -> dict[str, str]:
         "search_space.effective_batch_size": f"{batch.scale}[{batch.low}, {batch.high}]",
         "search_space.max_micro_batch": str(batch.max_micro_batch),
     }
-    params.update(flatten(config.train, "train."))
+    searched = {"train.lr", "train.batch_size", "train.effective_batch_size", "train.folds"}
+    params.update({k: v for k, v in flatten(config.train, "train.").items() if k not in searched})
     return params
 
 
@@ -304,6 +308,19 @@ def run_study(
         summarize_study(study, tracker, study_run_id)
         tracker.end_study_run(study_run_id)
     return study
+
+
+def describe_study(study: optuna.Study) -> str:
+    """One line per fact: trial counts by state, and the best trial with its parameters."""
+    counts = Counter(trial.state.name.lower() for trial in study.get_trials(deepcopy=False))
+    by_state = ", ".join(f"{n} {state}" for state, n in counts.items())
+    lines = [f"study {study.study_name}: {sum(counts.values())} trials ({by_state})"]
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if complete:
+        best = study.best_trial
+        params = ", ".join(f"{k}={best.user_attrs[k]:g}" for k in ("lr", "effective_batch_size", "batch_size"))
+        lines.append(f"best value {best.value:.6f} (trial {best.number}: {params})")
+    return "\n".join(lines)
 
 
 def trial_steps(train: TrainConfig) -> int:
