@@ -289,5 +289,22 @@ def cv_finalize(run_id: str) -> None:
     click.echo(f"cv run {run_id}: cv_score {result.cv_score:.4f}")
 
 
+@main.command()
+@click.argument("study_file", metavar="STUDY.yaml", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--n-trials", type=click.IntRange(min=1), help="Trials this run adds (default: the study file's).")
+@click.option("--timeout", type=click.FloatRange(min=0), help="Start no new trial after S seconds.")
+@click.option(
+    "--storage",
+    help="Optuna storage URL; default from the study file (SQLite beside it). Parallel workers: "
+    "postgresql://user:password@host:5432/db",
+)
+def tune(study_file: Path, n_trials: int | None, timeout: float | None, storage: str | None) -> None:
+    """Run or resume an Optuna study over lr and effective batch size; every trial a tracked run."""
+    from geopose_mlops.tuning import describe_study, load_study_config, run_study
+
+    study = run_study(load_study_config(study_file), n_trials=n_trials, timeout=timeout, storage=storage)
+    click.echo(describe_study(study))
+
+
 if __name__ == "__main__":
     main()

@@ -3,13 +3,14 @@
 Each image is a city tile of flat-roofed buildings (rectangular or L-shaped footprints extruded to a
 height) and trees, seen obliquely. With the SPEC §1 convention (x = column, y = row downward, flow
 direction (sin a, cos a)), a point at ground position p and height h appears in the image at
-``p + h * scale * (sin a, cos a)`` (scale in px/m). A pixel q therefore shows the highest solid point
-on its line of sight ``{(q - h * v, h)}`` with ``v = scale * (sin a, cos a)``: roofs are displaced along
-the flow by height × scale, facades fill the swept area with heights rising linearly from 0 to the roof
-along the sweep, and roofs occlude facades and lower buildings. The AGL map is that visible height on
-the image grid. Appearance carries the cues a network needs: facades are darker than roofs and striped
-by floor (one stripe per 3.5 m, so their extent tells height), shadows on the ground run along a sun
-direction with length proportional to height, taller buildings have larger footprints.
+``p + h * scale * (sin a, cos a)`` (scale in px/m). A pixel q therefore shows the highest solid point on
+its line of sight ``{(q - h * v, h)}`` with ``v = scale * (sin a, cos a)``: roofs are displaced along
+the flow by height × scale, the facade facing the viewer (on the footprint's -v side) fills the swept
+area with heights rising linearly from 0 to the roof, and roofs occlude facades and lower buildings. The
+AGL map is that visible height on the image grid. Appearance carries the cues a network needs: facades
+are darker than roofs and striped by floor (one stripe per 3.5 m, so their extent tells height), shadows
+on the ground run along a sun direction with length proportional to height, taller buildings have larger
+footprints.
 
 Cities differ in tile extent (so gsd, m/px), height distribution (ATL/JAX downtown towers, ARG/OMA
 low-rise), off-nadir angle (so scale = tan(off-nadir) / gsd, px/m) and flow-angle range. Everything
@@ -82,8 +83,12 @@ _ROOF_PALETTE = np.array(
 
 
 @dataclass(frozen=True)
-class _Solid:
-    """A vertical prism: a rotated rectangle (half sides a, b) or a disc (radius r > 0); pixel units."""
+class Solid:
+    """A vertical prism standing on the ground: a rotated rectangle (half sides a, b) or a disc (r > 0).
+
+    Centre, half sides and radius are in pixels (ground position = image position at height 0); theta
+    in radians; height in metres.
+    """
 
     cx: float
     cy: float
@@ -106,6 +111,7 @@ class SynthImage:
         scale: Pixels per metre of height.
         angle: Flow angle, radians, in (-pi, pi].
         gsd: Metres per pixel.
+        solids: The buildings and trees drawn (footprints on the ground, before displacement).
     """
 
     rgb: np.ndarray
@@ -113,10 +119,17 @@ class SynthImage:
     scale: float
     angle: float
     gsd: float
+    solids: tuple[Solid, ...]
 
 
-def _line_of_sight(solid: _Solid, xs: np.ndarray, ys: np.ndarray, vx: float, vy: float):
-    """Heights h (metres) where ``(x, y) - h * (vx, vy)`` lies in the solid's footprint: (lo, hi) arrays."""
+def _line_of_sight(solid: Solid, window: tuple[int, int, int, int], vx: float, vy: float):
+    """Heights h (m) where ``(x, y) - h * (vx, vy)`` lies in the footprint, for each pixel of the window.
+
+    The set is an interval (footprints are convex); returns its ends (lo, hi), empty where lo > hi.
+    """
+    r0, r1, c0, c1 = window
+    ys = np.arange(r0, r1, dtype=np.float32)[:, None]
+    xs = np.arange(c0, c1, dtype=np.float32)[None, :]
     dx, dy = xs - np.float32(solid.cx), ys - np.float32(solid.cy)
     if solid.r > 0:
         vv = vx * vx + vy * vy
@@ -139,7 +152,7 @@ def _line_of_sight(solid: _Solid, xs: np.ndarray, ys: np.ndarray, vx: float, vy:
     return lo, hi
 
 
-def _window(solid: _Solid, vx: float, vy: float, size: int) -> tuple[int, int, int, int] | None:
+def _window(solid: Solid, vx: float, vy: float, size: int) -> tuple[int, int, int, int] | None:
     """Image rows/cols (r0, r1, c0, c1) covering the footprint swept by height × v, or None if outside."""
     if solid.r > 0:
         ex = ey = solid.r
@@ -152,6 +165,42 @@ def _window(solid: _Solid, vx: float, vy: float, size: int) -> tuple[int, int, i
     r0 = max(0, math.floor(solid.cy - ey + min(0.0, sy)))
     r1 = min(size, math.ceil(solid.cy + ey + max(0.0, sy)) + 1)
     return None if c0 >= c1 or r0 >= r1 else (r0, r1, c0, c1)
+
+
+def project_solids(
+    solids: Sequence[Solid], size: int, vx: float, vy: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The oblique view of the solids: what each pixel sees along its line of sight.
+
+    A ground point p at height h appears at ``p + h * (vx, vy)``; pixel q sees the highest solid point
+    on ``{(q - h * v, h)}``. Roofs appear displaced by height × v, facades fill the sweep with heights
+    rising linearly from 0, and higher surfaces hide lower ones.
+
+    Args:
+        solids: Prisms on the ground.
+        size: Image side, pixels.
+        vx: Displacement along columns per metre of height (scale × sin(angle)), px/m.
+        vy: Displacement along rows per metre of height (scale × cos(angle)), px/m.
+
+    Returns:
+        (agl float32 (S, S) metres of the visible surface, owner int32 (S, S) index of the visible solid
+        or -1 for ground, roof bool (S, S) True where that surface is a roof).
+    """
+    agl = np.zeros((size, size), np.float32)
+    owner = np.full((size, size), -1, np.int32)
+    roof = np.zeros((size, size), bool)
+    for index, solid in enumerate(solids):
+        win = _window(solid, vx, vy, size)
+        if win is None:
+            continue
+        r0, r1, c0, c1 = win
+        lo, hi = _line_of_sight(solid, win, vx, vy)
+        top = np.minimum(hi, np.float32(solid.height_m))  # the ray enters the prism at its highest point
+        visible = (np.maximum(lo, 0) <= top) & (top > agl[r0:r1, c0:c1])
+        agl[r0:r1, c0:c1] = np.where(visible, top, agl[r0:r1, c0:c1])
+        owner[r0:r1, c0:c1] = np.where(visible, index, owner[r0:r1, c0:c1])
+        roof[r0:r1, c0:c1] = np.where(visible, hi >= solid.height_m, roof[r0:r1, c0:c1])
+    return agl, owner, roof
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
@@ -173,7 +222,7 @@ def _layout(rng: np.random.Generator, style: CityStyle, size: int, gsd: float, m
     corners = np.array([[x, y] for x in (-margin_px, size + margin_px) for y in (-margin_px, size + margin_px)])
     u, w = corners @ np.array([cos, sin]), corners @ np.array([-sin, cos])
     downtown = rng.uniform(0.2, 0.8, 2) * size
-    solids: list[_Solid] = []
+    solids: list[Solid] = []
     lot = (block - road) / 2
     for i in range(math.floor(u.min() / block), math.ceil(u.max() / block)):
         for j in range(math.floor(w.min() / block), math.ceil(w.max() / block)):
@@ -189,7 +238,7 @@ def _layout(rng: np.random.Generator, style: CityStyle, size: int, gsd: float, m
                             green = (0.18 + 0.1 * rng.random(), 0.36 + 0.12 * rng.random(), 0.14)
                             r = lot * rng.uniform(0.12, 0.25)
                             h = rng.uniform(4, 14)
-                            solids.append(_Solid(cx + off[0], cy + off[1], 0, 0, 0, r, h, green, True))
+                            solids.append(Solid(cx + off[0], cy + off[1], 0, 0, 0, r, h, green, True))
                     continue
                 if rng.random() < style.tower_prob * near:
                     height = rng.uniform(*style.tower_m)
@@ -208,7 +257,7 @@ def _layout(rng: np.random.Generator, style: CityStyle, size: int, gsd: float, m
                     su, sw = rng.choice([-1.0, 1.0], 2)
                     for ou, ow, hu in ((0.0, sw * b / 2, a), (su * a / 2, -sw * b / 2, a / 2)):
                         solids.append(
-                            _Solid(
+                            Solid(
                                 cx + ou * cos - ow * sin,
                                 cy + ou * sin + ow * cos,
                                 hu,
@@ -221,7 +270,7 @@ def _layout(rng: np.random.Generator, style: CityStyle, size: int, gsd: float, m
                             )
                         )
                 else:
-                    solids.append(_Solid(cx, cy, a, b, grid, 0.0, height, colour, False))
+                    solids.append(Solid(cx, cy, a, b, grid, 0.0, height, colour, False))
     return solids, grid, block, road
 
 
@@ -240,28 +289,15 @@ def render_image(rng: np.random.Generator, city: str, size: int) -> SynthImage:
     margin = max(style.tower_m[1], style.height_max_m) * max(scale, shadow_len)
     solids, grid, block, road = _layout(rng, style, size, gsd, margin)
 
-    agl = np.zeros((size, size), np.float32)
-    owner = np.full((size, size), -1, np.int32)
-    roof = np.zeros((size, size), bool)
+    agl, owner, roof = project_solids(solids, size, vx, vy)
     shadow = np.zeros((size, size), bool)
-    for index, solid in enumerate(solids):
-        for view, (px, py) in (("image", (vx, vy)), ("shadow", (sx, sy))):
-            win = _window(solid, px, py, size)
-            if win is None:
-                continue
-            r0, r1, c0, c1 = win
-            ys = np.arange(r0, r1, dtype=np.float32)[:, None]
-            xs = np.arange(c0, c1, dtype=np.float32)[None, :]
-            lo, hi = _line_of_sight(solid, xs, ys, px, py)
-            top = np.minimum(hi, np.float32(solid.height_m))
-            hit = np.maximum(lo, 0) <= top
-            if view == "shadow":
-                shadow[r0:r1, c0:c1] |= hit
-                continue
-            visible = hit & (top > agl[r0:r1, c0:c1])
-            agl[r0:r1, c0:c1] = np.where(visible, top, agl[r0:r1, c0:c1])
-            owner[r0:r1, c0:c1] = np.where(visible, index, owner[r0:r1, c0:c1])
-            roof[r0:r1, c0:c1] = np.where(visible, hi >= solid.height_m, roof[r0:r1, c0:c1])
+    for solid in solids:  # ground point g is shaded if g - h * s lies in a footprint for some h <= height
+        win = _window(solid, sx, sy, size)
+        if win is None:
+            continue
+        r0, r1, c0, c1 = win
+        lo, hi = _line_of_sight(solid, win, sx, sy)
+        shadow[r0:r1, c0:c1] |= np.maximum(lo, 0) <= np.minimum(hi, np.float32(solid.height_m))
 
     rows, cols = np.mgrid[0:size, 0:size].astype(np.float32)
     cos, sin = math.cos(grid), math.sin(grid)
@@ -287,7 +323,7 @@ def render_image(rng: np.random.Generator, city: str, size: int) -> SynthImage:
         cy, cx = rng.integers(0, size, 2)
         radius = max(1, size // 48)
         agl[max(0, cy - radius) : cy + radius, max(0, cx - radius) : cx + radius] = np.nan
-    return SynthImage(rgb=rgb, agl=agl, scale=float(scale), angle=float(angle), gsd=float(gsd))
+    return SynthImage(rgb=rgb, agl=agl, scale=float(scale), angle=float(angle), gsd=float(gsd), solids=tuple(solids))
 
 
 def _new_id(rng: np.random.Generator, taken: set[str]) -> str:

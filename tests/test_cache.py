@@ -1,0 +1,126 @@
+"""The preprocessing cache: decode once, resample with scale/gsd adjusted, rebuild on change, atomic."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from geopose_mlops.constants import CITIES
+from geopose_mlops.data import io, layout
+from geopose_mlops.data.cache import SampleCache, build_cache, cache_fingerprint, default_cache_root
+
+SIZE = 64  # the fixture's source side
+CACHED = 32
+
+
+@pytest.fixture
+def data(synthetic_data, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(synthetic_data, copy)
+    return copy
+
+
+@pytest.fixture
+def decode_counter(monkeypatch):
+    calls = {"rgb": 0}
+    real = io.read_rgb
+
+    def counting(path, size=None):
+        calls["rgb"] += 1
+        return real(path, size)
+
+    monkeypatch.setattr(io, "read_rgb", counting)
+    return calls
+
+
+def test_cache_holds_the_resampled_arrays_with_scale_and_gsd_at_the_cached_size(data) -> None:
+    samples = layout.find_samples(data, "train")
+    cache = build_cache(samples, None, CACHED, progress=False)
+    assert cache.path.parent == default_cache_root(data)
+    assert cache.ids == [s.sample_id for s in samples] and len(cache) == 8
+    assert cache.rgb.shape == (8, CACHED, CACHED, 3) and cache.rgb.dtype == np.uint8
+    assert isinstance(cache.rgb, np.memmap) and not cache.rgb.flags.writeable
+    row = int(cache.rows([samples[5].sample_id])[0])
+    assert row == 5
+    np.testing.assert_array_equal(cache.rgb[row], io.read_rgb(samples[5].rgb_path, size=CACHED))
+    np.testing.assert_array_equal(cache.agl[row], io.read_agl(samples[5].agl_path, size=CACHED))
+    scale, angle = io.read_vflow(samples[5].vflow_path)
+    assert cache.scale[row] == pytest.approx(scale * CACHED / SIZE, rel=1e-6)  # px/m halves with the image
+    assert cache.gsd[row] == pytest.approx(samples[5].gsd * SIZE / CACHED, rel=1e-6)  # m/px doubles
+    assert cache.angle[row] == pytest.approx(angle, abs=1e-6)
+    assert [CITIES[i] for i in cache.city_index] == cache.cities == [s.city for s in samples]
+    with pytest.raises(KeyError, match="ARG_nothere"):
+        cache.rows(["ARG_nothere"])
+
+
+def test_second_build_decodes_nothing(data, decode_counter) -> None:
+    samples = layout.find_samples(data, "train")
+    first = build_cache(samples, data / "c", CACHED, progress=False)
+    assert decode_counter["rgb"] == 8
+    second = build_cache(samples, data / "c", CACHED, progress=False)
+    assert decode_counter["rgb"] == 8
+    assert second.fingerprint == first.fingerprint and second.path == first.path
+    other_size = build_cache(samples, data / "c", 16, progress=False)
+    assert other_size.fingerprint != first.fingerprint and decode_counter["rgb"] == 16
+
+
+def test_a_changed_source_gives_a_new_entry_with_the_new_values(data) -> None:
+    samples = layout.find_samples(data, "train")
+    before = build_cache(samples, data / "c", CACHED, progress=False)
+    io.write_agl(samples[0].agl_path, np.full((SIZE, SIZE), 7.0, np.float32))
+    after = build_cache(layout.find_samples(data, "train"), data / "c", CACHED, progress=False)
+    assert after.fingerprint != before.fingerprint
+    assert np.all(after.agl[0] == 7.0) and not np.all(before.agl[0] == 7.0)
+    stat = samples[1].rgb_path.stat()  # a touched file (same bytes, new mtime) also counts as changed
+    os.utime(samples[1].rgb_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert cache_fingerprint(samples, CACHED) != after.fingerprint
+
+
+def test_an_interrupted_build_leaves_no_entry_and_is_not_reused(data, monkeypatch) -> None:
+    samples = layout.find_samples(data, "train")
+    root = data / "c"
+    real, calls = io.read_agl, {"n": 0}
+
+    def failing(path, size=None):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(path, size)
+
+    monkeypatch.setattr(io, "read_agl", failing)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(samples, root, CACHED, progress=False)
+    assert list(root.iterdir()) == []
+    monkeypatch.setattr(io, "read_agl", real)
+
+    # A build killed outright leaves its temporary folder; a later build ignores and removes it.
+    fingerprint = cache_fingerprint(samples, CACHED)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = root / f".tmp-{fingerprint}-{dead.pid}"
+    stale.mkdir()
+    (stale / "rgb.npy").write_bytes(b"half")
+    cache = build_cache(samples, root, CACHED, progress=False)
+    assert not stale.exists()
+    np.testing.assert_array_equal(cache.rgb[2], io.read_rgb(samples[2].rgb_path, size=CACHED))
+    assert SampleCache.open(cache.path).fingerprint == fingerprint
+
+
+def test_images_of_different_source_sizes_share_one_cache(data) -> None:
+    samples = layout.find_samples(data, "train")
+    big = samples[0]
+    io.write_rgb(big.rgb_path, np.kron(io.read_rgb(big.rgb_path), np.ones((2, 2, 1), np.uint8)))
+    io.write_agl(big.agl_path, np.kron(io.read_agl(big.agl_path), np.ones((2, 2), np.float32)))
+    cache = build_cache(samples, data / "c", CACHED, progress=False)
+    scale, _ = io.read_vflow(big.vflow_path)
+    assert cache.scale[0] == pytest.approx(scale * CACHED / (2 * SIZE), rel=1e-6)
+    assert cache.gsd[0] == pytest.approx(big.gsd * 2 * SIZE / CACHED, rel=1e-6)
+
+
+def test_test_split_without_truth_is_cached_with_nan_targets(synthetic_data, tmp_path) -> None:
+    cache = build_cache(layout.find_samples(synthetic_data, "test"), tmp_path, CACHED, progress=False)
+    assert len(cache) == 4 and np.isnan(cache.agl).all() and np.isnan(cache.scale).all()
