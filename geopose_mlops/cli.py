@@ -6,6 +6,7 @@ exits 1 (bad data or run-time failure) or 2 (bad arguments or configuration, not
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -92,10 +93,10 @@ def _train_options(command):
     return command
 
 
-def _run_training(folds: str, options: dict) -> None:
+def _train_config(folds: str, options: dict):
+    """The TrainConfig of the train options; pops its options, leaving experiment, resume, cache_dir, ..."""
     from geopose_mlops.config import ModelConfig, TrainConfig
     from geopose_mlops.errors import ConfigError as _ConfigError
-    from geopose_mlops.train.cv import run_cross_validation
 
     try:
         fold_list = None if folds.strip() == "all" else tuple(int(f) for f in folds.split(","))
@@ -104,12 +105,23 @@ def _run_training(folds: str, options: dict) -> None:
     model = ModelConfig(
         encoder=options.pop("encoder"), decoder=options.pop("decoder"), encoder_weights=options.pop("encoder_weights")
     )
-    experiment, resume, cache_dir = options.pop("experiment"), options.pop("resume"), options.pop("cache_dir")
     # 0 and "" stand for "not given", as MLproject parameters cannot be left out.
     options["effective_batch_size"] = options["effective_batch_size"] or None
     options["crop_size"] = options["crop_size"] or None
+    rest = {key: options.pop(key) for key in ("experiment", "resume", "cache_dir", "parent_run_id") if key in options}
     config = TrainConfig(data_dir=str(options.pop("data_dir")), model=model, folds=fold_list, **options)
+    options.update(rest)
+    return config
+
+
+def _run_training(folds: str, options: dict) -> None:
+    from geopose_mlops.train.cv import run_cross_validation
+
+    config = _train_config(folds, options)
+    experiment, resume, cache_dir = options.pop("experiment"), options.pop("resume"), options.pop("cache_dir")
     result = run_cross_validation(config, experiment=experiment, resume_run_id=resume or None, cache_root=cache_dir)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports
     click.echo(f"cv run {result.run_id}: cv_score {result.cv_score:.4f}")
     for fold, fold_result in result.folds.items():
         click.echo(f"  fold {fold}: best val_score {fold_result.best_score:.4f} at epoch {fold_result.best_epoch}")
@@ -118,8 +130,15 @@ def _run_training(folds: str, options: dict) -> None:
 @main.command()
 @_train_options
 @click.option("--folds", default="all", show_default=True, help="Folds to run: all, or e.g. 0,2.")
-def train(folds: str, **options) -> None:
+@click.option(
+    "--parent-run-id",
+    help="Join this shared cv run (`geopose-ml cv start`): train --folds in it with its configuration.",
+)
+def train(folds: str, parent_run_id: str | None, **options) -> None:
     """Train one cross-validation: a parent MLflow run and a nested run per fold."""
+    if parent_run_id:
+        _run_fold_worker(parent_run_id, folds, options)
+        return
     _run_training(folds, options)
 
 
@@ -195,6 +214,96 @@ def folds(data_dir: Path, k: int, seed: int, out: Path | None) -> None:
     target = out or data_dir / FOLDS_CSV
     write_folds(target, rows)
     click.echo(f"wrote {len(rows)} rows in {k} folds to {target}")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; 0.0.0.0 serves the network.")
+@click.option("--port", default=5000, show_default=True, type=int, help="TCP port.")
+@click.option("--backend-store-uri", help="SQLAlchemy URL of the backend store, e.g. postgresql+psycopg2://u@h/db.")
+@click.option(
+    "--artifacts-destination",
+    default="mlartifacts",
+    show_default=True,
+    help="Directory (or s3://..., gs://...) where the server stores the artifacts clients send it.",
+)
+@click.option(
+    "--init-postgres",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Instead of --backend-store-uri: keep a PostgreSQL cluster in this directory (initdb on first use).",
+)
+@click.option("--workers", default=2, show_default=True, type=int, help="Server worker processes.")
+def server(
+    host: str, port: int, backend_store_uri: str | None, artifacts_destination: str, init_postgres: Path | None,
+    workers: int,
+) -> None:  # fmt: skip
+    """Run a shared MLflow tracking server on PostgreSQL with served artifacts (docs/SCALING.md)."""
+    from geopose_mlops.server import serve
+
+    serve(backend_store_uri, artifacts_destination, host, port, workers, init_postgres, echo=click.echo)
+
+
+# --- shared cross-validation (issue 7): fold workers on several machines under one cv run -----------
+
+
+def _run_fold_worker(parent_run_id: str, folds: str, options: dict) -> None:
+    from geopose_mlops.train.shared_cv import run_fold_worker
+
+    if folds.strip() == "all":
+        raise ConfigError("--parent-run-id needs --folds: the folds this worker trains, e.g. --folds 1")
+    config = _train_config(folds, options)
+    click.echo(f"joining cv run {parent_run_id}: its configuration is used; data from {config.data_dir}")
+    folds_to_train = list(config.fold_list())
+    result = run_fold_worker(parent_run_id, folds_to_train, config.data_dir, cache_root=options["cache_dir"])
+    for fold, fold_result in result.folds.items():
+        click.echo(f"  fold {fold}: run {fold_result.run_id} best val_score {fold_result.best_score:.4f}")
+    if result.cv is not None:
+        click.echo(f"cv run {result.cv_run_id}: all folds in, cv_score {result.cv.cv_score:.4f}")
+    else:
+        click.echo(f"cv run {result.cv_run_id}: waiting for other folds; the last worker logs cv_score")
+
+
+@main.group()
+def cv() -> None:
+    """A cross-validation shared by several machines (docs/SCALING.md)."""
+
+
+@cv.command("start")
+@_train_options
+@click.option("--folds", default="all", show_default=True, help="Folds that make the cv complete.")
+def cv_start(folds: str, **options) -> None:
+    """Create a shared cv run and print its id; workers then run `train --parent-run-id ID --folds F`."""
+    from geopose_mlops.train.shared_cv import start_shared_cv
+
+    config = _train_config(folds, options)
+    run_id = start_shared_cv(config, options["experiment"], options["cache_dir"])
+    click.echo(run_id)
+
+
+@cv.command("finalize")
+@click.argument("run_id")
+def cv_finalize(run_id: str) -> None:
+    """Log cv_score of shared cv run RUN_ID from all folds' OOF files (exit 1 naming missing folds)."""
+    from geopose_mlops.train.shared_cv import finalize_cv
+
+    result = finalize_cv(run_id)
+    click.echo(f"cv run {run_id}: cv_score {result.cv_score:.4f}")
+
+
+@main.command()
+@click.argument("study_file", metavar="STUDY.yaml", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--n-trials", type=click.IntRange(min=1), help="Trials this run adds (default: the study file's).")
+@click.option("--timeout", type=click.FloatRange(min=0), help="Start no new trial after S seconds.")
+@click.option(
+    "--storage",
+    help="Optuna storage URL; default from the study file (SQLite beside it). Parallel workers: "
+    "postgresql://user:password@host:5432/db",
+)
+def tune(study_file: Path, n_trials: int | None, timeout: float | None, storage: str | None) -> None:
+    """Run or resume an Optuna study over lr and effective batch size; every trial a tracked run."""
+    from geopose_mlops.tuning import describe_study, load_study_config, run_study
+
+    study = run_study(load_study_config(study_file), n_trials=n_trials, timeout=timeout, storage=storage)
+    click.echo(describe_study(study))
 
 
 if __name__ == "__main__":

@@ -26,11 +26,11 @@ from tqdm import tqdm
 from geopose_mlops.config import TrainConfig, load_json_config
 from geopose_mlops.constants import DEFAULT_EXPERIMENT, FOLDS_CSV
 from geopose_mlops.data.cache import SampleCache, build_cache
-from geopose_mlops.data.dataset import EpochSampler, GeoposeDataset
+from geopose_mlops.data.dataset import GeoposeDataset
 from geopose_mlops.data.folds import make_folds, read_folds
 from geopose_mlops.data.layout import find_samples
 from geopose_mlops.errors import ConfigError, GeoposeError
-from geopose_mlops.train import loop
+from geopose_mlops.train import distributed, loop
 from geopose_mlops.train.checkpoint import BEST_NAME, LAST_NAME, load_checkpoint, save_checkpoint
 from geopose_mlops.train.oof import score_oof_folders
 
@@ -118,6 +118,7 @@ def train_fold(
     device: torch.device | None = None,
     on_epoch_end: EpochCallback | None = None,
     progress: bool = True,
+    context: distributed.DistributedContext | None = None,
 ) -> FoldResult:
     """Train, validate and track one fold in its own nested run (new, or resumed from ``last.pt``).
 
@@ -132,6 +133,9 @@ def train_fold(
         device: Where to train (None: CUDA if available).
         on_epoch_end: Called as ``(fold, epoch, metrics)`` after each logged epoch; may raise to stop.
         progress: Show a progress bar over epochs.
+        context: This process's place in a torchrun job (None: a single process on ``device``). Each
+            rank trains on its share of every optimiser step and validates its share of the images;
+            rank 0 alone logs and writes checkpoints (``train/distributed.py``).
 
     Raises:
         GeoposeError: The fold has no training or validation images, or the loss became non-finite.
@@ -139,22 +143,37 @@ def train_fold(
     from geopose_mlops.models.factory import build_model
     from geopose_mlops.models.losses import build_loss
 
-    device = device or default_device()
+    context = context or distributed.DistributedContext(device=device or default_device())
+    device = context.device
+    tracker = distributed.MainRankTracker(tracker, context)
+    if context.enabled and on_epoch_end is not None:
+        raise ConfigError("on_epoch_end (tuning) runs in one process per trial; start more tune workers instead")
     work_dir = Path(work_dir)
     table = data.folds_table
     val_ids = table.loc[table["fold"] == fold, "id"].tolist()
     train_ids = table.loc[table["fold"] != fold, "id"].tolist()
-    if not val_ids or not train_ids:
-        raise GeoposeError(f"fold {fold}: {len(train_ids)} training and {len(val_ids)} validation images")
+    if len(val_ids) < context.world_size or not train_ids:
+        raise GeoposeError(
+            f"fold {fold}: {len(train_ids)} training and {len(val_ids)} validation images "
+            f"(at least {context.world_size} needed, one per process)"
+        )
+    accumulation_steps = config.accumulation_steps // context.world_size
+    if accumulation_steps * context.world_size != config.accumulation_steps:
+        raise ConfigError(
+            f"effective_batch_size={config.effective_batch_size} is not a multiple of batch_size={config.batch_size} "
+            f"x {context.world_size} processes"
+        )
     seed_everything(config.seed * 1000 + fold)
     model = build_model(config.model).to(device, memory_format=torch.channels_last)
     precision = loop.make_precision(device, config.amp)
     optimizer = loop.build_optimizer(model, config.lr, config.weight_decay)
     loss_fn = build_loss(config.loss)
     start_epoch, best_score, best_epoch = 0, -math.inf, -1
-    state = _resume_state(tracker, fold_run_id, work_dir) if fold_run_id else None
+    state = _resume_state(tracker, fold_run_id, work_dir) if fold_run_id and context.is_main else None
+    state = distributed.broadcast_from_main(state, context)
     if fold_run_id is None:
         fold_run_id = tracker.start_fold_run(cv_run_id, fold, config, data.cache.fingerprint)
+        fold_run_id = distributed.broadcast_from_main(fold_run_id, context)
     else:
         tracker.reopen(fold_run_id)
     if state is not None:
@@ -162,8 +181,9 @@ def train_fold(
         optimizer.load_state_dict(state["optimizer"])
         precision.scaler.load_state_dict(state["scaler"])
         start_epoch, best_score, best_epoch = state["epoch"] + 1, state["best_score"], state["best_epoch"]
-        if state["epoch"] not in tracker.logged_epochs(fold_run_id):
+        if context.is_main and state["epoch"] not in tracker.logged_epochs(fold_run_id):
             tracker.log_epoch(fold_run_id, state["epoch"], state["metrics"])
+    train_model = distributed.wrap_model(model, context)  # DDP across ranks; ``model`` itself otherwise
 
     augmentation = None
     if config.augment:
@@ -171,12 +191,11 @@ def train_fold(
 
         augmentation = build_train_augmentation(crop_size=config.crop_size)
     train_set = GeoposeDataset(data.cache, data.cache.rows(train_ids), augmentation)
-    sampler = EpochSampler(len(train_set), seed=config.seed * 1000 + fold, shuffle=True)
+    sampler = distributed.ShardedEpochSampler(len(train_set), config.seed * 1000 + fold, context, config.batch_size)
     train_loader = loop.make_loader(train_set, config.batch_size, config.num_workers, sampler)
-    val_loader = loop.make_loader(
-        GeoposeDataset(data.cache, data.cache.rows(val_ids)), config.batch_size, config.num_workers
-    )
-    steps_per_epoch = math.ceil(len(train_loader) / config.accumulation_steps)
+    val_rows = data.cache.rows(val_ids)[distributed.shard_indices(len(val_ids), context)]
+    val_loader = loop.make_loader(GeoposeDataset(data.cache, val_rows), config.batch_size, config.num_workers)
+    steps_per_epoch = math.ceil(len(train_loader) / accumulation_steps)
     total_steps = steps_per_epoch * config.epochs
 
     def lr_at_step(step: int) -> float:
@@ -190,12 +209,12 @@ def train_fold(
             sampler.set_epoch(epoch)
             try:
                 result = loop.train_one_epoch(
-                    model,
+                    train_model,
                     train_loader,
                     optimizer,
                     loss_fn,
                     precision,
-                    config.accumulation_steps,
+                    accumulation_steps,
                     lr_at_step,
                     first_step=epoch * steps_per_epoch,
                     epoch=epoch,
@@ -203,39 +222,23 @@ def train_fold(
             except GeoposeError as err:
                 kept = f"epoch {epoch - 1}" if epoch > 0 else "none yet"
                 raise GeoposeError(f"fold {fold} (run {fold_run_id}): {err} Last good checkpoint: {kept}.") from err
-            oof = loop.predict_validation(model, val_loader, precision)
-            metrics = loop.validation_metrics(oof.score())
-            metrics.update(train_loss=result.train_loss, lr=result.lr)
-            if best_epoch < 0 or metrics["val_score"] > best_score:
+            oof = distributed.gather_oof(loop.predict_validation(model, val_loader, precision), context)
+            metrics = loop.validation_metrics(oof.score()) if context.is_main else None
+            metrics = distributed.broadcast_from_main(metrics, context)  # every rank takes the same decisions
+            loss_sum, images = distributed.reduce_sum([result.train_loss * len(sampler), len(sampler)], context)
+            metrics.update(train_loss=loss_sum / images, lr=result.lr)
+            improved = best_epoch < 0 or metrics["val_score"] > best_score
+            if improved:
                 best_score, best_epoch = metrics["val_score"], epoch
-                best = save_checkpoint(
-                    work_dir / BEST_NAME,
-                    model,
-                    optimizer,
-                    precision.scaler,
-                    config,
-                    fold,
-                    epoch,
-                    best_score,
-                    best_epoch,
-                )
-                tracker.log_checkpoint(fold_run_id, best)
-                tracker.log_oof(fold_run_id, oof.save(work_dir / "oof"))
             metrics["epoch_seconds"] = time.perf_counter() - start
-            last = save_checkpoint(
-                work_dir / LAST_NAME,
-                model,
-                optimizer,
-                precision.scaler,
-                config,
-                fold,
-                epoch,
-                best_score,
-                best_epoch,
-                metrics,
-            )
-            tracker.log_checkpoint(fold_run_id, last)
-            tracker.log_epoch(fold_run_id, epoch, metrics)
+            if context.is_main:  # the other ranks hold the same weights and no predictions to store
+                checkpoint = (optimizer, precision.scaler, config, fold, epoch, best_score, best_epoch)
+                if improved:
+                    tracker.log_checkpoint(fold_run_id, save_checkpoint(work_dir / BEST_NAME, model, *checkpoint))
+                    tracker.log_oof(fold_run_id, oof.save(work_dir / "oof"))
+                last = save_checkpoint(work_dir / LAST_NAME, model, *checkpoint, metrics)
+                tracker.log_checkpoint(fold_run_id, last)
+                tracker.log_epoch(fold_run_id, epoch, metrics)
             status = "KILLED"  # an exception from the callback is the caller's decision to stop
             if on_epoch_end is not None:
                 on_epoch_end(fold, epoch, metrics)
@@ -281,25 +284,60 @@ def run_cross_validation(
         device: Where to train (None: CUDA if available, else CPU).
         progress: Show progress bars.
 
+    Under ``torchrun --nproc-per-node N`` every rank calls this: the ranks train each fold together
+    with DistributedDataParallel and rank 0 alone writes to MLflow (``train/distributed.py``).
+
     Returns:
         The parent run id, ``cv_score``, per-city scores and the folds' results.
     """
     from geopose_mlops.tracking import CvTracker
 
-    tracker = CvTracker(experiment)
+    context = distributed.init_distributed(str(device) if device is not None else None)
+    try:
+        return _run_cross_validation(
+            config, experiment, resume_run_id, parent_run_id, run_id, tags, on_epoch_end, cache_root, work_dir,
+            progress and context.is_main, context, CvTracker(experiment) if context.is_main else None,
+        )  # fmt: skip
+    finally:
+        distributed.cleanup_distributed(context)
+
+
+def _run_cross_validation(
+    config: TrainConfig,
+    experiment: str,
+    resume_run_id: str | None,
+    parent_run_id: str | None,
+    run_id: str | None,
+    tags: dict[str, str] | None,
+    on_epoch_end: EpochCallback | None,
+    cache_root: str | Path | None,
+    work_dir: str | Path | None,
+    progress: bool,
+    context: distributed.DistributedContext,
+    tracker,
+) -> CvResult:
+    tracker = distributed.MainRankTracker(tracker, context)
     folds_table = None
     existing: dict = {}
     if resume_run_id:
-        run_id, _ = tracker.resume_target(resume_run_id)
-        config = load_json_config(TrainConfig, tracker.download_artifact(run_id, "config.json"))
-        folds_table = pd.read_csv(tracker.download_artifact(run_id, FOLDS_CSV))
-        existing = tracker.fold_runs(run_id)
+        if context.is_main:
+            run_id, _ = tracker.resume_target(resume_run_id)
+            config = load_json_config(TrainConfig, tracker.download_artifact(run_id, "config.json"))
+            folds_table = pd.read_csv(tracker.download_artifact(run_id, FOLDS_CSV))
+            existing = tracker.fold_runs(run_id)
+        run_id, config, folds_table, existing = distributed.broadcast_from_main(
+            (run_id, config, folds_table, existing), context
+        )
+    if not context.is_main:
+        distributed.barrier(context)  # rank 0 builds the cache first; the others then open it
     data = prepare_data(config, cache_root, folds_table)
+    if context.is_main:
+        distributed.barrier(context)
     missing = sorted(set(config.fold_list()) - set(data.folds_table["fold"]))
     if missing:
         raise ConfigError(f"folds {missing} have no images in the folds table (k={config.k})")
-    device = torch.device(device) if device is not None else default_device()
     cv_run_id = tracker.start_cv_run(config, data.cache.fingerprint, parent_run_id, run_id, tags)
+    cv_run_id = distributed.broadcast_from_main(cv_run_id, context)
     if not resume_run_id:
         tracker.log_config(cv_run_id, config)
         tracker.log_data(cv_run_id, data.folds_table, config.data_dir, data.cache.fingerprint)
@@ -322,13 +360,16 @@ def run_cross_validation(
                     cv_run_id,
                     root / cv_run_id / f"fold_{fold}",
                     fold_run_id=run.info.run_id if run is not None else None,
-                    device=device,
                     on_epoch_end=on_epoch_end,
                     progress=progress,
+                    context=context,
                 )
-            oof_dirs = [tracker.download_oof(r.run_id, Path(tmp) / "oof" / f"fold_{f}") for f, r in results.items()]
-            scores = score_oof_folders(oof_dirs)
-            tracker.log_cv_scores(cv_run_id, scores)
+            scores = None
+            if context.is_main:
+                oof_dirs = [tracker.download_oof(r.run_id, Path(tmp) / "oof" / f"fold_{f}") for f, r in results.items()]
+                scores = score_oof_folders(oof_dirs)
+                tracker.log_cv_scores(cv_run_id, scores)
+            scores = distributed.broadcast_from_main(scores, context)
         except BaseException:
             tracker.end_run(cv_run_id, "FAILED")
             raise

@@ -205,7 +205,8 @@ def train_one_epoch(
     model.train()
     if batchnorm_frozen:
         freeze_batchnorm(model)
-    weights = micro_batch_weights(len(loader.dataset), loader.batch_size, accumulation_steps)
+    # The sampler's length: under torchrun it is this rank's share of the dataset.
+    weights = micro_batch_weights(len(loader.sampler), loader.batch_size, accumulation_steps)
     n_batches = len(weights)
     start = time.perf_counter()
     loss_sum, part_sums, images, step, lr = 0.0, {}, 0, first_step, lr_at_step(first_step)

@@ -1,0 +1,173 @@
+"""One cross-validation shared by several machines: each worker trains some folds under one cv run.
+
+1. ``geopose-ml cv start --data-dir DATA [train options]`` creates the cv run (params, ``config.json``,
+   ``folds.csv``) on the shared tracking server, leaves it RUNNING and prints its id.
+2. On each machine: ``geopose-ml train --data-dir DATA --parent-run-id RUN --folds F``. The worker takes
+   the configuration and the fold assignment from the run (so every machine trains the same
+   cross-validation; only ``--data-dir``, the cache and the device are local), and trains fold ``F`` in
+   its own nested fold run. A fold whose run FAILED or was KILLED is resumed from its ``last.pt``.
+3. The worker that finishes the last fold computes the parent's ``cv_score`` from every fold's ``oof/``
+   artifacts and closes the cv run (automatic). Each worker closes its own fold run *before* it looks
+   at the others, so of two workers finishing together at least one sees every fold finished; if both
+   do, both log the same value. ``geopose-ml cv finalize RUN`` does the same by hand (for instance
+   after a fold was re-run) and names the folds still missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from geopose_mlops.config import TrainConfig, load_json_config
+from geopose_mlops.constants import DEFAULT_EXPERIMENT, FOLDS_CSV
+from geopose_mlops.errors import ConfigError, DataError, GeoposeError
+from geopose_mlops.train.cv import CvResult, FoldResult, prepare_data, train_fold
+from geopose_mlops.train.oof import score_oof_folders
+
+SHARED_TAG = "geopose.shared_cv"  # "true" on a cv run whose folds are trained by separate workers
+
+
+@dataclass
+class WorkerResult:
+    """What one fold worker did: the folds it trained (or found finished) and, if it was the last, the cv."""
+
+    cv_run_id: str
+    folds: dict[int, FoldResult] = field(default_factory=dict)
+    cv: CvResult | None = None
+
+
+def start_shared_cv(
+    config: TrainConfig, experiment: str = DEFAULT_EXPERIMENT, cache_root: str | Path | None = None
+) -> str:
+    """Create the cv run that fold workers join; returns its id (the run stays RUNNING).
+
+    Args:
+        config: The cross-validation to run (``folds`` says which folds make it complete).
+        experiment: MLflow experiment name.
+        cache_root: Preprocessing cache folder (None: ``DATA/.geopose_cache``).
+    """
+    from geopose_mlops.tracking import CvTracker
+
+    tracker = CvTracker(experiment)
+    data = prepare_data(config, cache_root)
+    run_id = tracker.start_cv_run(config, data.cache.fingerprint, tags={SHARED_TAG: "true"})
+    tracker.log_config(run_id, config)
+    tracker.log_data(run_id, data.folds_table, config.data_dir, data.cache.fingerprint)
+    return run_id
+
+
+def _finished_fold(run) -> FoldResult:
+    metrics = run.data.metrics
+    return FoldResult(run.info.run_id, metrics["best_val_score"], int(metrics["best_epoch"]))
+
+
+def _load_shared(tracker, cv_run_id: str) -> tuple[TrainConfig, pd.DataFrame]:
+    target, fold = tracker.resume_target(cv_run_id)
+    if fold is not None:
+        raise ConfigError(f"--parent-run-id {cv_run_id} is the run of fold {fold}; give its cv run {target}")
+    config = load_json_config(TrainConfig, tracker.download_artifact(cv_run_id, "config.json"))
+    folds_table = pd.read_csv(tracker.download_artifact(cv_run_id, FOLDS_CSV))
+    return config, folds_table
+
+
+def run_fold_worker(
+    cv_run_id: str,
+    folds: list[int],
+    data_dir: str | Path | None = None,
+    cache_root: str | Path | None = None,
+    work_dir: str | Path | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> WorkerResult:
+    """Train ``folds`` of an existing cv run on this machine; the last worker scores the cv.
+
+    Args:
+        cv_run_id: The cv run made by :func:`start_shared_cv` (on the tracking server all workers use).
+        folds: The folds this worker trains.
+        data_dir: This machine's copy of the data set (None: the path stored in the run's config).
+        cache_root: Preprocessing cache folder (None: ``DATA/.geopose_cache``).
+        work_dir: Local folder for checkpoints and OOF files (None: a temporary folder).
+        device: ``cuda``/``cpu`` (None: CUDA if available).
+        progress: Show progress bars.
+
+    Raises:
+        ConfigError: The run is not a cv run, a fold is outside the run's folds, or another worker's
+            run of that fold is still RUNNING.
+        DataError: The local data set lacks images listed in the run's ``folds.csv``.
+    """
+    import torch
+
+    from geopose_mlops.tracking import CvTracker
+
+    tracker = CvTracker()
+    config, folds_table = _load_shared(tracker, cv_run_id)
+    if data_dir is not None:
+        config = dataclasses.replace(config, data_dir=str(data_dir))
+    outside = sorted(set(folds) - set(config.fold_list()))
+    if outside:
+        raise ConfigError(f"folds {outside} are not part of cv run {cv_run_id} (its folds: {config.fold_list()})")
+    existing = tracker.fold_runs(cv_run_id)
+    busy = {f: existing[f].info.run_id for f in folds if f in existing and existing[f].info.status == "RUNNING"}
+    if busy:
+        raise ConfigError(
+            f"fold(s) {sorted(busy)} of cv run {cv_run_id} are being trained by run(s) {sorted(busy.values())}; "
+            "if that worker died, resume its fold with `geopose-ml train --resume RUN_ID`"
+        )
+    data = prepare_data(config, cache_root, folds_table)
+    absent = sorted(set(folds_table["id"]) - set(data.cache.ids))
+    if absent:
+        raise DataError(config.data_dir, f"{len(absent)} image(s) of cv run {cv_run_id} not found here: {absent[:5]}")
+    result = WorkerResult(cv_run_id)
+    with tempfile.TemporaryDirectory(prefix="geopose-fold-") as tmp:
+        root = Path(work_dir) if work_dir is not None else Path(tmp)
+        for fold in folds:
+            run = existing.get(fold)
+            if run is not None and run.info.status == "FINISHED":
+                result.folds[fold] = _finished_fold(run)
+                continue
+            result.folds[fold] = train_fold(
+                config, data, fold, tracker, cv_run_id, root / cv_run_id / f"fold_{fold}",
+                fold_run_id=run.info.run_id if run is not None else None,
+                device=torch.device(device) if device else None, progress=progress,
+            )  # fmt: skip
+    result.cv = finalize_cv(cv_run_id, require_complete=False)
+    return result
+
+
+def finalize_cv(cv_run_id: str, require_complete: bool = True) -> CvResult | None:
+    """Log the cv run's ``cv_score`` over every fold's OOF artifacts and close it, once all folds finished.
+
+    Args:
+        cv_run_id: The cv run.
+        require_complete: Raise when a fold is missing (else return None and leave the run open).
+
+    Returns:
+        The cv's scores, or None when folds are still missing and ``require_complete`` is False.
+
+    Raises:
+        GeoposeError: ``require_complete`` and some folds have no FINISHED run (they are named).
+    """
+    from geopose_mlops.tracking import CvTracker
+
+    tracker = CvTracker()
+    config, _ = _load_shared(tracker, cv_run_id)
+    runs = tracker.fold_runs(cv_run_id)
+    missing = {f: runs[f].info.status if f in runs else "no run" for f in config.fold_list()}
+    missing = {f: status for f, status in missing.items() if status != "FINISHED"}
+    if missing:
+        if require_complete:
+            listed = ", ".join(f"fold {f}: {status}" for f, status in sorted(missing.items()))
+            raise GeoposeError(f"cv run {cv_run_id} is not complete ({listed})")
+        return None
+    with tempfile.TemporaryDirectory(prefix="geopose-oof-") as tmp:
+        folders = [tracker.download_oof(runs[f].info.run_id, Path(tmp) / f"fold_{f}") for f in config.fold_list()]
+        scores = score_oof_folders(folders)
+    tracker.log_cv_scores(cv_run_id, scores)
+    tracker.end_run(cv_run_id, "FINISHED")
+    folds = {f: _finished_fold(runs[f]) for f in config.fold_list()}
+    city_scores = {city: values["score"] for city, values in scores["cities"].items()}
+    return CvResult(cv_run_id, scores["final_score"], city_scores, folds)

@@ -1,0 +1,83 @@
+"""Separate worker processes each train one fold of one cross-validation on the shared tracking server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from geopose_mlops.constants import KIND_TAG
+from geopose_mlops.data.synth import make_synthetic_dataset
+from geopose_mlops.metrics import GeoposeMetric
+from geopose_mlops.train.oof import OofPredictions
+
+pytest_plugins = ["conftest_pg"]
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_OPTIONS = [
+    "--encoder", "resnet18", "--decoder", "Unet", "--encoder-weights", "none", "--epochs", "1",
+    "--batch-size", "2", "--image-size", "64", "--no-amp", "--k", "2", "--no-augment", "--seed", "3",
+]  # fmt: skip
+
+
+def geopose_ml(*args: str) -> list[str]:
+    return [sys.executable, "-m", "geopose_mlops.cli", *args]
+
+
+def env_for(tracking_uri: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "TQDM_DISABLE": "1",
+    }
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_two_workers_share_one_cv_and_the_last_logs_cv_score(tracking_stack, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    data = tmp_path / "data"
+    make_synthetic_dataset(data, images_per_city=2, size=64, seed=0, cities=("JAX", "OMA"), rgb_format="tif")
+    env = env_for(tracking_stack.tracking_uri)
+    common = ["--data-dir", str(data), *TRAIN_OPTIONS, "--experiment", "shared-cv"]
+    start = subprocess.run(geopose_ml("cv", "start", *common), env=env, capture_output=True, text=True, timeout=300)
+    assert start.returncode == 0, start.stderr
+    cv_run_id = start.stdout.strip().splitlines()[-1]
+
+    early = subprocess.run(geopose_ml("cv", "finalize", cv_run_id), env=env, capture_output=True, text=True)
+    assert early.returncode == 1 and "fold 0: no run" in early.stderr and "fold 1: no run" in early.stderr
+
+    workers = [
+        subprocess.Popen(
+            geopose_ml("train", *common, "--parent-run-id", cv_run_id, "--folds", str(fold)),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for fold in (0, 1)
+    ]
+    outputs = [worker.communicate(timeout=400)[0] for worker in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(outputs)
+    assert sum("all folds in, cv_score" in out for out in outputs) >= 1
+
+    client = MlflowClient(tracking_stack.tracking_uri)
+    cv_run = client.get_run(cv_run_id)
+    assert cv_run.info.status == "FINISHED" and cv_run.data.tags[KIND_TAG] == "cv"
+    experiment = cv_run.info.experiment_id
+    fold_runs = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{cv_run_id}'")
+    assert sorted(r.data.tags["geopose.fold"] for r in fold_runs) == ["0", "1"]
+    assert all(r.info.status == "FINISHED" for r in fold_runs)
+    # The parent's cv_score is the metric over both folds' out-of-fold predictions, as stored.
+    metric = GeoposeMetric()
+    for run in fold_runs:
+        folder = client.download_artifacts(run.info.run_id, "oof", str(tmp_path / run.info.run_id))
+        OofPredictions.load(folder).update_metric(metric)
+    assert len(metric.cities) == 2 and sum(c.images for c in metric.cities.values()) == 4
+    assert cv_run.data.metrics["cv_score"] == pytest.approx(metric.compute()["final_score"], abs=1e-9)
