@@ -148,3 +148,11 @@ def test_synth_command_writes_tif_rgb_for_chosen_cities(tmp_path) -> None:
         main, ["synth", str(tmp_path / "e"), "--images-per-city", "1", "--size", "32", "--seed", "0", "--cities", "NYC"]
     )
     assert bad.exit_code == 2 and "NYC" in bad.output
+
+
+def test_test_truth_scores_a_perfect_submission_one(synthetic_data) -> None:
+    truth = synthetic_data / "test_truth"
+    result = CliRunner().invoke(main, ["evaluate", "--predictions-dir", str(truth), "--truth-dir", str(truth)])
+    assert result.exit_code == 0, result.output
+    assert "final_score 1.000000" in result.output
+    assert sorted(p.name.split("_")[0] for p in truth.glob("*_AGL.tif")) == list(CITIES)
