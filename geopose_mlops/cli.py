@@ -291,8 +291,8 @@ def cv_finalize(run_id: str) -> None:
 
 @main.command()
 @click.argument("study_file", metavar="STUDY.yaml", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--n-trials", type=click.IntRange(min=1), help="Trials this run adds (default: the study file's).")
-@click.option("--timeout", type=click.FloatRange(min=0), help="Start no new trial after S seconds.")
+@click.option("--n-trials", type=click.IntRange(min=0), help="Trials this run adds (unset or 0: the study file's).")
+@click.option("--timeout", type=click.FloatRange(min=0), help="Start no new trial after S seconds (0: no limit).")
 @click.option(
     "--storage",
     help="Optuna storage URL; default from the study file (SQLite beside it). Parallel workers: "
@@ -302,7 +302,8 @@ def tune(study_file: Path, n_trials: int | None, timeout: float | None, storage:
     """Run or resume an Optuna study over lr and effective batch size; every trial a tracked run."""
     from geopose_mlops.tuning import describe_study, load_study_config, run_study
 
-    study = run_study(load_study_config(study_file), n_trials=n_trials, timeout=timeout, storage=storage)
+    config = load_study_config(study_file)
+    study = run_study(config, n_trials=n_trials or None, timeout=timeout or None, storage=storage or None)
     click.echo(describe_study(study))
 
 

@@ -68,17 +68,26 @@ class StudyTracker:
             study_name: The Optuna study name.
             storage_label: Where the study lives, with any password removed (a tag, for people).
         """
-        runs = self._study_runs(study_name)
         launched = os.environ.get("MLFLOW_RUN_ID")
+        runs = self._study_runs(study_name)
         if runs:
-            run_id = runs[0].info.run_id
-            if launched and launched != run_id:
-                self.client.set_tag(launched, STUDY_RUN_TAG, run_id)
-            self.client.update_run(run_id, status="RUNNING")
-            return run_id
-        tags = {KIND_TAG: KIND_STUDY, STUDY_NAME_TAG: study_name, STORAGE_TAG: storage_label}
-        tags[CODE_VERSION_TAG] = code_version()
-        if launched:
+            study_run_id = runs[0].info.run_id
+            self.client.update_run(study_run_id, status="RUNNING")
+        else:
+            study_run_id = self._create_study_run(study_name, storage_label, launched)
+        if launched and launched != study_run_id:
+            self.client.set_tag(launched, STUDY_RUN_TAG, study_run_id)
+        return study_run_id
+
+    def _create_study_run(self, study_name: str, storage_label: str, launched: str | None) -> str:
+        tags = {
+            KIND_TAG: KIND_STUDY,
+            STUDY_NAME_TAG: study_name,
+            STORAGE_TAG: storage_label,
+            CODE_VERSION_TAG: code_version(),
+        }
+        adopt = launched and self.client.get_run(launched).info.experiment_id == self.experiment_id
+        if adopt:
             mine = launched
             for key, value in tags.items():
                 self.client.set_tag(mine, key, value)
@@ -86,9 +95,8 @@ class StudyTracker:
             mine = self.client.create_run(self.experiment_id, tags=tags, run_name=f"study-{study_name}").info.run_id
         oldest = self._study_runs(study_name)[0].info.run_id
         if oldest != mine:  # another worker created the study run first: keep only that one
-            if launched:
+            if adopt:  # a run made by ``mlflow run`` is not ours to delete
                 self.client.set_tag(mine, KIND_TAG, "study-duplicate")
-                self.client.set_tag(mine, STUDY_RUN_TAG, oldest)
             else:
                 self.client.delete_run(mine)
             self.client.update_run(oldest, status="RUNNING")

@@ -10,7 +10,8 @@ whether to stop (``trial.report`` + ``should_prune``); a pruned trial's run is t
 
 Storage and parallel workers: the storage is an ``RDBStorage`` with a heartbeat, so a worker killed
 mid-trial leaves its trial RUNNING only until ``grace_period`` seconds pass without a heartbeat; the next
-worker to start a trial then marks it FAILED and ``RetryFailedTrialCallback`` queues a copy of it.
+worker to start a trial then marks it FAILED and ``RetryHeartbeatStaleTrialCallback`` queues a copy
+of it (up to ``max_retry`` times).
 SQLite (the default, a file beside the study YAML) is meant for one process at a time: it locks the
 whole database file on every write, so concurrent workers wait on each other (the busy timeout below
 makes them wait instead of failing) and a network file system can corrupt it. For real parallel use,
@@ -24,6 +25,7 @@ Every MLflow call lives in ``tracking_tuning``; this module only talks to Optuna
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -32,12 +34,15 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 from sqlalchemy.engine import make_url
 
 from geopose_mlops.config import TrainConfig, flatten
 from geopose_mlops.errors import ConfigError, GeoposeError
 from geopose_mlops.study_config import PrunerConfig, SamplerConfig, SearchSpace, StudyConfig, load_study_config
 from geopose_mlops.tracking_tuning import StudyTracker
+
+STORAGE_ATTEMPTS = 3  # tries at opening a storage whose tables another worker is creating
 
 __all__ = [
     "StudyConfig",
@@ -134,14 +139,29 @@ def build_storage(config: StudyConfig, url: str | None = None) -> optuna.storage
         engine_kwargs["pool_pre_ping"] = True  # a server may drop idle connections during long trials
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat and retry
-        retry = optuna.storages.RetryFailedTrialCallback(max_retry=config.max_retry) if config.max_retry else None
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=config.heartbeat_interval,
-            grace_period=config.grace_period,
-            failed_trial_callback=retry,
-        )
+        retry = None
+        if config.max_retry:
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=config.max_retry)
+        for attempt in range(1, STORAGE_ATTEMPTS + 1):
+            try:
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=config.heartbeat_interval,
+                    grace_period=config.grace_period,
+                    heartbeat_stale_trial_callback=retry,
+                )
+            except sqlalchemy.exc.SQLAlchemyError as err:
+                # Workers starting together on a new database race to create its tables ("table
+                # studies already exists"); once one has, the others find them and go on.
+                if attempt == STORAGE_ATTEMPTS:
+                    raise GeoposeError(f"storage {redact(url)}: cannot open ({err})") from err
+                time.sleep(attempt)
+
+
+def redact(url: str) -> str:
+    """A storage URL with its password masked (for messages and tags)."""
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def study_params(config: StudyConfig) -> dict[str, str]:
@@ -297,7 +317,7 @@ def run_study(
         load_if_exists=True,
     )
     tracker = StudyTracker(config.experiment)
-    study_run_id = tracker.study_run(config.study_name, make_url(url).render_as_string(hide_password=True))
+    study_run_id = tracker.study_run(config.study_name, redact(url))
     study.set_user_attr("mlflow_run_id", study_run_id)
     tracker.log_study_params(study_run_id, study_params(config))
     objective = make_objective(config, tracker, study_run_id, **train_kwargs)
