@@ -123,7 +123,7 @@ def browser_page():
             browser.close()
 
 
-def test_experiment_page_and_run_comparison_show_fold_runs_and_val_score(mlflow_server, browser_page) -> None:
+def test_experiment_page_and_run_comparison_show_fold_runs_and_val_score(browser_page, mlflow_server) -> None:
     base_url, experiment_id, fold_ids = mlflow_server
     page = browser_page
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -137,9 +137,12 @@ def test_experiment_page_and_run_comparison_show_fold_runs_and_val_score(mlflow_
         page.get_by_text(name, exact=True).first.wait_for(timeout=UI_WAIT_MS)
     page.screenshot(path=SCREENSHOTS / "experiment_runs.png")
 
-    # The same page in chart view: one val_score chart with a line per fold run.
+    # The same page in chart view, narrowed to val_score: one chart with a line per fold run.
     page.locator('label:has(input[name="runs-view-mode"][value="CHART"])').click()
+    page.get_by_placeholder("Search metric charts").fill("val_score")
     page.get_by_text("val_score", exact=True).first.wait_for(timeout=UI_WAIT_MS)
+    page.wait_for_function("() => document.querySelectorAll('.scatterlayer .trace').length >= 2",
+                           timeout=UI_WAIT_MS)  # plotly has drawn the two fold curves
     page.screenshot(path=SCREENSHOTS / "experiment_charts.png")
 
     # Run comparison of the two fold runs (the route MLflow's own "Compare" button opens).
