@@ -1,9 +1,10 @@
 """The MLflow UI, as a user opens it, shows our fold runs and their `val_score` (headless Chromium).
 
-Starts ``mlflow server`` on 127.0.0.1 over a temporary store that the test fills with a small
-cross-validation, then drives Debian's Chromium (``/usr/bin/chromium``, never a downloaded browser)
-with Playwright to the experiment's runs page (fold runs expanded under their parent, then the chart
-view) and to the comparison page of the two fold runs. Screenshots are saved under
+Starts ``mlflow server`` on 127.0.0.1 over a temporary store that the test fills with a real tiny
+cross-validation (``tests/tiny_cv.py``: 64 px synthetic data, resnet18, 2 folds, 2 epochs), then
+drives Debian's Chromium (``/usr/bin/chromium``, never a downloaded browser) with Playwright to the
+experiment's runs page (fold runs expanded under their parent, then the chart view) and to the
+comparison page of the two fold runs. Screenshots are saved under
 ``tests/artifacts/browser/`` (git-ignored; the path is printed). Where Chromium or Playwright is
 missing the test is skipped with the reason, which ``pytest -ra`` prints.
 """
@@ -17,12 +18,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
-
-from geopose_mlops.constants import KIND_TAG
+from tiny_cv import run_tiny_cv
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -42,40 +44,37 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _fill_store(uri: str, artifacts: Path) -> tuple[str, list[str]]:
-    """A cv parent run with two fold runs, each with two epochs of metrics (SPEC §4 names).
+@dataclass(frozen=True)
+class TrackedCv:
+    """What the UI should show: the experiment, the cv run's name, the fold runs' ids and names."""
 
-    Returns:
-        The experiment id and the two fold run ids.
-    """
+    experiment_id: str
+    cv_name: str
+    fold_ids: list[str]
+    fold_names: list[str]
+
+
+def _fill_store(uri: str, root: Path) -> TrackedCv:
+    """Run and track a real tiny cross-validation (2 folds, 2 epochs) in ``uri``."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        result = run_tiny_cv(root)
+    finally:
+        mlflow.set_tracking_uri(previous)
     client = MlflowClient(uri)
-    experiment_id = client.create_experiment("geopose", artifact_location=str(artifacts))
-    params = {"encoder": "resnet18", "decoder": "Unet", "encoder_weights": "none", "lr": "0.001",
-              "effective_batch_size": "4", "epochs": "2", "amp": "False", "image_size": "64"}
-    parent = client.create_run(experiment_id, tags={KIND_TAG: "cv"}, run_name="cv-Unet-resnet18")
-    fold_ids = []
-    for fold in range(2):
-        child = client.create_run(experiment_id, run_name=f"fold-{fold}",
-                                  tags={KIND_TAG: "fold", "mlflow.parentRunId": parent.info.run_id})
-        for key, value in {**params, "fold": str(fold)}.items():
-            client.log_param(child.info.run_id, key, value)
-        for epoch in range(2):
-            client.log_metric(child.info.run_id, "val_score", 0.2 + 0.1 * epoch + 0.05 * fold, step=epoch)
-            client.log_metric(child.info.run_id, "epoch_seconds", 1.5, step=epoch)
-        client.set_terminated(child.info.run_id)
-        fold_ids.append(child.info.run_id)
-    for key, value in params.items():
-        client.log_param(parent.info.run_id, key, value)
-    client.log_metric(parent.info.run_id, "cv_score", 0.33)
-    client.set_terminated(parent.info.run_id)
-    return experiment_id, fold_ids
+    parent = client.get_run(result.run_id)
+    folds = [client.get_run(result.folds[fold].run_id) for fold in sorted(result.folds)]
+    assert len(folds) == 2 and all("val_score" in run.data.metrics for run in folds)
+    return TrackedCv(parent.info.experiment_id, parent.info.run_name, [r.info.run_id for r in folds],
+                     [r.info.run_name for r in folds])
 
 
 @pytest.fixture
 def mlflow_server(tmp_path: Path):
-    """``(base_url, experiment_id, fold_run_ids)`` of a running ``mlflow server`` over a filled store."""
+    """``(base_url, TrackedCv)`` of a running ``mlflow server`` over a store holding a tiny cross-validation."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    experiment_id, fold_ids = _fill_store(uri, tmp_path / "artifacts")
+    tracked = _fill_store(uri, tmp_path)
     port = _free_port()
     log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen(
@@ -98,7 +97,7 @@ def mlflow_server(tmp_path: Path):
             if time.monotonic() > deadline:
                 pytest.fail(f"mlflow server did not answer on {base_url} within {SERVER_START_S:.0f} s")
             time.sleep(0.5)
-        yield base_url, experiment_id, fold_ids
+        yield base_url, tracked
     finally:
         server.terminate()
         try:
@@ -124,16 +123,16 @@ def browser_page():
 
 
 def test_experiment_page_and_run_comparison_show_fold_runs_and_val_score(browser_page, mlflow_server) -> None:
-    base_url, experiment_id, fold_ids = mlflow_server
+    base_url, tracked = mlflow_server
     page = browser_page
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
 
     # Experiment page, runs tab: the cv parent; expanding it shows the fold runs nested under it.
-    page.goto(f"{base_url}/#/experiments/{experiment_id}/runs")
-    page.get_by_text("cv-Unet-resnet18").first.wait_for(timeout=UI_WAIT_MS)
-    parent_row = page.locator('[role="row"]', has_text="cv-Unet-resnet18").first
+    page.goto(f"{base_url}/#/experiments/{tracked.experiment_id}/runs")
+    page.get_by_text(tracked.cv_name, exact=True).first.wait_for(timeout=UI_WAIT_MS)
+    parent_row = page.locator('[role="row"]', has_text=tracked.cv_name).first
     parent_row.locator('button[data-component-id*="runnamecellrenderer"]').click()
-    for name in ("fold-0", "fold-1"):
+    for name in tracked.fold_names:
         page.get_by_text(name, exact=True).first.wait_for(timeout=UI_WAIT_MS)
     page.screenshot(path=SCREENSHOTS / "experiment_runs.png")
 
@@ -146,14 +145,14 @@ def test_experiment_page_and_run_comparison_show_fold_runs_and_val_score(browser
     page.screenshot(path=SCREENSHOTS / "experiment_charts.png")
 
     # Run comparison of the two fold runs (the route MLflow's own "Compare" button opens).
-    query = f"runs={json.dumps(fold_ids)}&experiments={json.dumps([experiment_id])}"
+    query = f"runs={json.dumps(tracked.fold_ids)}&experiments={json.dumps([tracked.experiment_id])}"
     page.goto(f"{base_url}/#/compare-runs?{query}")
     page.get_by_text("Comparing 2 Runs").first.wait_for(timeout=UI_WAIT_MS)
-    body = page.locator("body")
-    for text in (*fold_ids, "fold-0", "fold-1", "val_score"):
+    for text in (*tracked.fold_ids, *tracked.fold_names, "val_score"):
         page.get_by_text(text, exact=True).first.wait_for(timeout=UI_WAIT_MS)
-    assert "val_score" in body.inner_text()
     page.screenshot(path=SCREENSHOTS / "compare_runs.png")
+    page.get_by_role("link", name="val_score", exact=True).first.wait_for(timeout=UI_WAIT_MS)  # metrics table row
+    # Scroll the page, not the metrics table: the table's name and value columns scroll separately.
     page.get_by_text("Metrics", exact=True).last.scroll_into_view_if_needed()
     page.screenshot(path=SCREENSHOTS / "compare_runs_metrics.png")
     print(f"screenshots: {SCREENSHOTS}")
