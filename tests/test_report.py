@@ -11,6 +11,7 @@ import mlflow
 import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
+from tiny_cv import run_tiny_cv
 
 from geopose_mlops.cli import main
 from geopose_mlops.constants import KIND_TAG
@@ -144,3 +145,25 @@ def test_report_errors_name_the_experiment_and_the_epochs(store, tmp_path: Path)
     assert empty.exit_code == 1 and "no finished cross-validation run" in empty.output
     bad = runner.invoke(main, ["report", "--experiment", EXPERIMENT, "--out", str(tmp_path / "r"), "--epochs", "x"])
     assert bad.exit_code == 2 and "--epochs" in bad.output
+
+
+@pytest.mark.slow
+def test_report_on_real_cross_validations_matches_their_fold_runs(store, tmp_path: Path) -> None:
+    client, _ = store
+    results = {decoder: run_tiny_cv(tmp_path, decoder=decoder, experiment=EXPERIMENT) for decoder in ("Unet", "FPN")}
+    report = make_report(EXPERIMENT, tmp_path / "report", epochs=[1, 2])
+
+    assert {row["run_id"] for row in report.rows} == {r.run_id for r in results.values()}
+    assert [row["cv_score"] for row in report.rows] == sorted((r.cv_score for r in results.values()), reverse=True)
+    for row in report.rows:
+        result = results[row["decoder"]]
+        fold_ids = [fold.run_id for fold in result.folds.values()]
+        seconds = [m.value for f in fold_ids for m in client.get_metric_history(f, "epoch_seconds")]
+        second_epoch = [next(m.value for m in client.get_metric_history(f, "val_score") if m.step == 1)
+                        for f in fold_ids]
+        assert row["folds"] == 2 and row["encoder"] == "resnet18"
+        assert row["cv_score"] == pytest.approx(result.cv_score)
+        assert row["cv_score_ARG"] == pytest.approx(result.city_scores["ARG"])
+        assert row["sec_per_epoch"] == pytest.approx(sum(seconds) / len(seconds))
+        assert row["score@e2"] == pytest.approx(sum(second_epoch) / len(second_epoch))
+    assert (tmp_path / "report" / CURVES_PNG).read_bytes()[:8] == PNG_MAGIC
