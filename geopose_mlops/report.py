@@ -7,21 +7,21 @@ per-city parts, as Markdown and CSV; PNG plots of the per-epoch validation curve
 spread over folds) and of each ensemble's gain over its members. Everything is written to an output
 folder and logged as the artifacts of a ``report`` run (SPEC §4 names throughout).
 
-The MLflow reading and logging calls are kept together in the last section of this module
-(``read_tracked_runs``, ``log_report_run``); everything above it works on plain dataclasses.
+The MLflow calls (``read_tracked_runs``, ``log_report_run``) live in the last section of ``tracking.py``;
+this module works on the plain views they return (``CvRun`` with its ``FoldRun``s, ``EnsembleRun``).
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from geopose_mlops.constants import CITIES, DEFAULT_EXPERIMENT, KIND_CV, KIND_ENSEMBLE, KIND_FOLD, KIND_REPORT, KIND_TAG
+from geopose_mlops.constants import CITIES, DEFAULT_EXPERIMENT
 from geopose_mlops.errors import ConfigError, DataError
+from geopose_mlops.tracking import CvRun, EnsembleRun, FoldRun, log_report_run, read_tracked_runs
 
 LEADERBOARD_MD = "leaderboard.md"
 LEADERBOARD_CSV = "leaderboard.csv"
@@ -33,70 +33,6 @@ MAX_DEFAULT_EPOCH_COLUMNS = 4
 KEY_PARAMS: tuple[str, ...] = (
     "decoder", "encoder", "encoder_weights", "lr", "effective_batch_size", "image_size", "amp",
 )
-
-
-@dataclass(frozen=True)
-class FoldRun:
-    """One fold (child) run.
-
-    Attributes:
-        run_id: MLflow run id.
-        name: Run name as shown in the UI.
-        history: Metric name -> ``[(step, value), ...]`` sorted by step (step = epoch).
-    """
-
-    run_id: str
-    name: str
-    history: dict[str, list[tuple[int, float]]]
-
-    def values(self, key: str) -> list[float]:
-        """Every logged value of metric ``key``, in step order (empty if never logged)."""
-        return [value for _, value in self.history.get(key, [])]
-
-
-@dataclass(frozen=True)
-class CvRun:
-    """One cross-validation (parent) run and its finished fold runs.
-
-    Attributes:
-        run_id: MLflow run id.
-        name: Run name.
-        params: The run's params (SPEC §4: encoder, decoder, lr, ...).
-        metrics: Latest value of each metric (``cv_score``, ``cv_score_{CITY}``).
-        folds: The finished fold runs, ordered by name.
-    """
-
-    run_id: str
-    name: str
-    params: dict[str, str]
-    metrics: dict[str, float]
-    folds: list[FoldRun] = field(default_factory=list)
-
-    def param(self, key: str) -> str:
-        """Param ``key``, also found as ``model.key`` or ``*.key`` (flattened configs); ``""`` if absent."""
-        if key in self.params:
-            return self.params[key]
-        for name, value in sorted(self.params.items()):
-            if name.endswith(f".{key}"):
-                return value
-        return ""
-
-
-@dataclass(frozen=True)
-class EnsembleRun:
-    """One ensemble run: its out-of-fold score and the scores of its members.
-
-    Attributes:
-        run_id: MLflow run id.
-        name: Run name.
-        oof_score: The ensemble's out-of-fold score.
-        members: ``(label, score)`` of every member, score = the member's ``cv_score`` (NaN if unknown).
-    """
-
-    run_id: str
-    name: str
-    oof_score: float
-    members: list[tuple[str, float]]
 
 
 @dataclass(frozen=True)
@@ -280,7 +216,25 @@ def plot_validation_curves(runs: Sequence[CvRun], path: Path) -> Path:
     return path
 
 
-def plot_ensemble_gain(ensembles: Sequence[EnsembleRun], path: Path) -> Path:
+def ensemble_members(ensemble: EnsembleRun, runs: Sequence[CvRun]) -> list[tuple[str, float]]:
+    """``(label, cv_score)`` of each member of ``ensemble``.
+
+    A member that is not among ``runs`` (deleted, failed, or in another experiment) is labelled by its
+    short run id, with score NaN.
+    """
+    by_id = {run.run_id: run for run in runs}
+    members = []
+    for member_id in ensemble.member_ids:
+        run = by_id.get(member_id)
+        if run is None:
+            members.append((member_id[:8], math.nan))
+        else:
+            label = f"{run.param('decoder')}/{run.param('encoder')}\nlr={run.param('lr')}"
+            members.append((label, run.metrics.get("cv_score", math.nan)))
+    return members
+
+
+def plot_ensemble_gain(ensembles: Sequence[EnsembleRun], runs: Sequence[CvRun], path: Path) -> Path:
     """One bar group per ensemble run: each member's ``cv_score`` beside the ensemble's ``oof_score``."""
     import matplotlib
 
@@ -289,12 +243,13 @@ def plot_ensemble_gain(ensembles: Sequence[EnsembleRun], path: Path) -> Path:
 
     fig, axes = plt.subplots(1, len(ensembles), figsize=(4 + 3 * len(ensembles), 5), squeeze=False)
     for ax, ens in zip(axes[0], ensembles, strict=True):
-        labels = [label for label, _ in ens.members] + ["ensemble"]
-        scores = [score for _, score in ens.members] + [ens.oof_score]
-        colors = ["tab:gray"] * len(ens.members) + ["tab:green"]
+        members = ensemble_members(ens, runs)
+        labels = [label for label, _ in members] + ["ensemble"]
+        scores = [score for _, score in members] + [ens.oof_score]
+        colors = ["tab:gray"] * len(members) + ["tab:green"]
         ax.bar(range(len(scores)), [_or_zero(s) for s in scores], color=colors)
         ax.set_xticks(range(len(scores)), labels, rotation=30, ha="right", fontsize=8)
-        member_scores = [s for _, s in ens.members if not math.isnan(s)]
+        member_scores = [s for _, s in members if not math.isnan(s)]
         gain = ens.oof_score - max(member_scores) if member_scores else math.nan
         ax.set_title(f"{ens.name}\ngain over best member: {_format(gain)}", fontsize=9)
         ax.set_ylabel("out-of-fold score")
@@ -332,118 +287,7 @@ def make_report(experiment: str = DEFAULT_EXPERIMENT, out_dir: Path | str = "rep
     paths = list(write_leaderboard(rows, out, experiment))
     paths.append(plot_validation_curves(architectures, out / CURVES_PNG))
     if ensembles:
-        paths.append(plot_ensemble_gain(ensembles, out / ENSEMBLE_PNG))
+        paths.append(plot_ensemble_gain(ensembles, cv_runs, out / ENSEMBLE_PNG))
     run_id = log_report_run(experiment, paths, {"epochs": ",".join(map(str, chosen)), "architectures": len(rows),
                                                 "ensembles": len(ensembles)})
     return ReportFiles(run_id=run_id, rows=rows, paths=paths)
-
-
-# --------------------------------------------------------------------------------------------------
-# MLflow: reading the tracked runs and logging the report run. Every MLflow call of this module is here.
-# --------------------------------------------------------------------------------------------------
-
-
-def _experiment_id(client, experiment: str) -> str:
-    found = client.get_experiment_by_name(experiment)
-    if found is None or found.lifecycle_stage != "active":
-        raise ConfigError(f"--experiment: no active MLflow experiment named {experiment!r}")
-    return found.experiment_id
-
-
-def _finished_runs(client, experiment_id: str, kind: str) -> list:
-    from mlflow.entities import ViewType
-
-    return client.search_runs(
-        [experiment_id], filter_string=f"tags.`{KIND_TAG}` = '{kind}' and attributes.status = 'FINISHED'",
-        run_view_type=ViewType.ACTIVE_ONLY, max_results=10000,
-    )
-
-
-def _history(client, run) -> dict[str, list[tuple[int, float]]]:
-    history = {}
-    for key in run.data.metrics:
-        points = client.get_metric_history(run.info.run_id, key)
-        history[key] = sorted((p.step, p.value) for p in points)
-    return history
-
-
-def _member_ids(client, run) -> list[str]:
-    raw = run.data.params.get("members", "")
-    try:
-        parsed = json.loads(raw)
-        if isinstance(parsed, list):
-            return [str(m) for m in parsed]
-    except json.JSONDecodeError:
-        pass
-    if raw:
-        return [m.strip() for m in raw.replace(";", ",").split(",") if m.strip()]
-    # Params are capped in length: fall back to the ensemble.json artifact.
-    import mlflow.artifacts
-
-    try:
-        text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/ensemble.json")
-    except Exception:  # a missing or unreadable artifact only means "members unknown"
-        return []
-    members = json.loads(text).get("members", [])
-    return [m["run_id"] if isinstance(m, dict) else str(m) for m in members]
-
-
-def read_tracked_runs(experiment: str = DEFAULT_EXPERIMENT) -> tuple[list[CvRun], list[EnsembleRun]]:
-    """Read the finished cv runs (with their finished fold runs) and ensemble runs of ``experiment``.
-
-    Deleted runs and runs that failed, were killed or are still running are left out.
-
-    Raises:
-        ConfigError: No active experiment has that name.
-    """
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    experiment_id = _experiment_id(client, experiment)
-    folds_by_parent: dict[str, list[FoldRun]] = {}
-    for run in _finished_runs(client, experiment_id, KIND_FOLD):
-        parent = run.data.tags.get("mlflow.parentRunId", "")
-        fold = FoldRun(run.info.run_id, run.info.run_name or run.info.run_id, _history(client, run))
-        folds_by_parent.setdefault(parent, []).append(fold)
-    cv_runs = [
-        CvRun(run.info.run_id, run.info.run_name or run.info.run_id, dict(run.data.params), dict(run.data.metrics),
-              sorted(folds_by_parent.get(run.info.run_id, []), key=lambda f: f.name))
-        for run in _finished_runs(client, experiment_id, KIND_CV)
-    ]
-    by_id = {run.run_id: run for run in cv_runs}
-    ensembles = []
-    for run in _finished_runs(client, experiment_id, KIND_ENSEMBLE):
-        members = []
-        for member_id in _member_ids(client, run):
-            member = by_id.get(member_id)
-            if member is not None:
-                members.append((f"{member.param('decoder')}/{member.param('encoder')}\nlr={member.param('lr')}",
-                                member.metrics.get("cv_score", math.nan)))
-            else:
-                members.append((member_id[:8], math.nan))
-        ensembles.append(EnsembleRun(run.info.run_id, run.info.run_name or run.info.run_id,
-                                     run.data.metrics.get("oof_score", math.nan), members))
-    return cv_runs, ensembles
-
-
-def log_report_run(experiment: str, paths: Sequence[Path], params: dict[str, object]) -> str:
-    """Log a run tagged ``geopose.kind=report`` in ``experiment`` holding ``paths`` as artifacts.
-
-    Returns:
-        The report run's id.
-    """
-    from mlflow.tracking import MlflowClient
-
-    # A client, not the fluent API, so that a report made inside another active run stays separate.
-    client = MlflowClient()
-    run = client.create_run(_experiment_id(client, experiment), tags={KIND_TAG: KIND_REPORT}, run_name="report")
-    try:
-        for key, value in params.items():
-            client.log_param(run.info.run_id, key, str(value))
-        for path in paths:
-            client.log_artifact(run.info.run_id, str(path))
-    except Exception:
-        client.set_terminated(run.info.run_id, status="FAILED")
-        raise
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id

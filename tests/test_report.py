@@ -16,6 +16,7 @@ from tiny_cv import run_tiny_cv
 from geopose_mlops.cli import main
 from geopose_mlops.constants import KIND_TAG
 from geopose_mlops.report import CURVES_PNG, ENSEMBLE_PNG, LEADERBOARD_CSV, LEADERBOARD_MD, make_report
+from geopose_mlops.tracking import read_tracked_runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EXPERIMENT = "geopose-report-test"
@@ -85,6 +86,11 @@ def filled(store):
     client.log_param(ens.info.run_id, "members", json.dumps([unet, fpn]))
     client.log_metric(ens.info.run_id, "oof_score", 0.65)
     client.set_terminated(ens.info.run_id)
+    # An ensemble whose members are only in its ensemble.json artifact.
+    ens_json = client.create_run(eid, tags={KIND_TAG: "ensemble"}, run_name="ensemble-json")
+    client.log_dict(ens_json.info.run_id, {"members": [{"run_id": fpn}, {"run_id": unet}]}, "ensemble.json")
+    client.log_metric(ens_json.info.run_id, "oof_score", 0.62)
+    client.set_terminated(ens_json.info.run_id)
     return client, eid, unet, fpn
 
 
@@ -116,6 +122,10 @@ def test_leaderboard_numbers_match_the_store(filled, tmp_path: Path) -> None:
     for name in (CURVES_PNG, ENSEMBLE_PNG):
         data = (out / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5000, name
+
+    _, ensembles = read_tracked_runs(EXPERIMENT)
+    assert {e.name: (e.oof_score, e.member_ids) for e in ensembles} == {
+        "ensemble": (0.65, [unet, fpn]), "ensemble-json": (0.62, [fpn, unet])}
 
     report = client.get_run(result.run_id)
     assert report.data.tags[KIND_TAG] == "report" and report.info.status == "FINISHED"
