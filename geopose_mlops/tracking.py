@@ -237,9 +237,10 @@ class CvTracker:
             dataset = mlflow.data.from_pandas(
                 folds_table, source=source, name="geopose-train", digest=data_fingerprint[:36]
             )
+            entity = dataset._to_mlflow_entity()  # the schema is inferred (and warned about) here
         context = InputTag(key=MLFLOW_DATASET_CONTEXT, value="training")
         # The client form of mlflow.log_input: the run is addressed by id, not by the active-run stack.
-        self.client.log_inputs(cv_run_id, [DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[context])])
+        self.client.log_inputs(cv_run_id, [DatasetInput(dataset=entity, tags=[context])])
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "folds.csv"
             folds_table.to_csv(path, index=False)

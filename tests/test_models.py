@@ -166,3 +166,14 @@ def test_weights_file_of_another_encoder_is_refused(tmp_path) -> None:
     torch.save(build_model(ModelConfig(encoder="resnet34")).encoder.state_dict(), path)
     with pytest.raises(ConfigError, match="resnet34.pt: .*tensors missing"):
         build_model(ModelConfig(encoder="tu-test_resnet", encoder_weights=str(path)))
+
+
+def test_named_weights_that_cannot_be_fetched_fail_with_config_error(monkeypatch) -> None:
+    import segmentation_models_pytorch.encoders as smp_encoders
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(smp_encoders, "hf_hub_download", offline)
+    with pytest.raises(ConfigError, match="encoder 'resnet18' with weights 'imagenet': no network"):
+        build_model(ModelConfig(encoder="resnet18", encoder_weights="imagenet"))

@@ -9,8 +9,8 @@ finite terms (0).
 - ``mse`` (default): the public baseline's (pubgeo/monocular-geocentric-pose, ``utilities/ml_utils.py``
   and ``main.py``): NaN-masked MSE on height (m) and magnitude (px), MSE on the (sin, cos) direction and
   on the scale, weighted agl 1, mag 2, angle 10, scale 10 (``main.py``'s ``--agl-weight`` ...
-  defaults). The baseline's scale was in px/cm-derived units; ours is px/m, so the same weight puts
-  relatively more emphasis on scale errors.
+  defaults). The baseline trains in the same units (``misc_utils.load_vflow`` converts AGL to m and
+  scale to px/m), so its weights carry over unchanged.
 - ``r2``: the 1st-place team's (drivendataorg/overhead-geopose-challenge, ``1st Place/training/
   losses.py`` ``r2_per_city`` and ``configs/v2l_tune.json``): for height and magnitude, per city present
   in the batch, SSE over the city's total sum of squares about its batch mean (1 - R², with the metric's

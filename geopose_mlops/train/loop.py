@@ -7,7 +7,8 @@
 - **Gradient accumulation**: one optimiser step per group of ``accumulation_steps`` micro-batches.
   Each micro-batch's loss is weighted by its share of the group's images, so a group of 4 x 2 images
   gives the gradient of one batch of 8, and a short last group (or a short last micro-batch) is
-  averaged over the images it really holds instead of being shrunk.
+  averaged over the images it really holds instead of being shrunk. (Losses that average over valid
+  pixels weigh them per micro-batch, so with no-data pixels this is the standard approximation.)
 - **Learning rate**: ``learning_rate(step, ...)``, a pure function of the optimiser step (linear
   warm-up, cosine decay), set on the optimiser before every step; nothing to checkpoint for it.
 - ``zero_grad(set_to_none=True)``, unscale before clipping, ``channels_last`` images and weights.

@@ -1,0 +1,153 @@
+"""Tracked cross-validation: `mlflow run .` into a temporary SQLite store, and kill-and-resume."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from geopose_mlops.config import ModelConfig, TrainConfig
+from geopose_mlops.constants import KIND_CV, KIND_FOLD, KIND_TAG
+from geopose_mlops.data.synth import make_synthetic_dataset
+from geopose_mlops.tracking import CvTracker
+from geopose_mlops.train.checkpoint import load_checkpoint
+from geopose_mlops.train.cv import run_cross_validation
+from geopose_mlops.train.oof import score_oof_folders
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth") / "data"
+    make_synthetic_dataset(root, images_per_city=2, size=64, seed=0)
+    return root
+
+
+def _runs(client, kind):
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, filter_string=f"tags.`{KIND_TAG}` = '{kind}'")
+
+
+@pytest.mark.slow
+def test_mlflow_run_tracks_a_cross_validation(data_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_EXPERIMENT_NAME": "geopose",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+    }
+    params = dict(
+        data_dir=data_dir,
+        encoder="resnet18",
+        epochs=2,
+        image_size=64,
+        k=2,
+        batch_size=2,
+        effective_batch_size=4,
+        num_workers=0,
+        amp="no-amp",
+        lr=0.001,
+    )
+    command = [str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "--env-manager", "local"]
+    for key, value in params.items():
+        command += ["-P", f"{key}={value}"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    (cv,) = _runs(client, KIND_CV)
+    folds = _runs(client, KIND_FOLD)
+    assert len(folds) == 2 and {f.data.tags["mlflow.parentRunId"] for f in folds} == {cv.info.run_id}
+    assert cv.data.params["encoder"] == "resnet18" and cv.data.params["effective_batch_size"] == "4"
+    assert {"folds.csv", "config.json"} <= {a.path for a in client.list_artifacts(cv.info.run_id)}
+    assert cv.inputs.dataset_inputs[0].dataset.digest == cv.data.params["data_fingerprint"][:36]
+    oof_dirs = []
+    for fold in folds:
+        run_id = fold.info.run_id
+        assert fold.data.params["fold"] in ("0", "1")
+        assert [m.step for m in client.get_metric_history(run_id, "val_score")] == [0, 1]
+        for key in ("train_loss", "val_agl_r2", "val_vflow_r2", "lr", "epoch_seconds", "best_val_score"):
+            assert key in fold.data.metrics, key
+        assert any(k.startswith("val_score_") for k in fold.data.metrics)
+        names = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
+        assert names == {"checkpoints/best.pt", "checkpoints/last.pt"}
+        assert load_checkpoint(client.download_artifacts(run_id, "checkpoints/last.pt", str(tmp_path)))["epoch"] == 1
+        oof_dirs.append(client.download_artifacts(run_id, "oof", str(tmp_path / run_id)))
+        assert {p.name for p in Path(oof_dirs[-1]).iterdir()} == {"index.csv", "agl_pred.npy", "agl_true.npy"}
+    recomputed = score_oof_folders(oof_dirs)
+    assert cv.data.metrics["cv_score"] == pytest.approx(recomputed["final_score"], abs=1e-12)
+    for city, values in recomputed["cities"].items():
+        assert cv.data.metrics[f"cv_score_{city}"] == pytest.approx(values["score"], abs=1e-12)
+
+
+class Killed(Exception):
+    """Stands in for a kill after an epoch was stored."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_point", ["after_epoch", "before_metrics"])
+def test_killed_and_resumed_fold_logs_every_epoch_once(data_dir, tmp_path, monkeypatch, kill_point):
+    """3 epochs of fold 0, stopped after epoch 1, resumed: epochs 0, 1, 2 each logged exactly once.
+
+    ``after_epoch``: the per-epoch callback raises once epoch 1 is logged. ``before_metrics``: the process
+    dies after ``last.pt`` of epoch 1 is stored but before its metrics reach the store; the resume logs
+    them from the checkpoint.
+    """
+    torch.set_num_threads(1)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    config = TrainConfig(
+        data_dir=str(data_dir),
+        model=ModelConfig(encoder="resnet18"),
+        epochs=3,
+        lr=1e-3,
+        batch_size=4,
+        image_size=64,
+        k=2,
+        folds=(0,),
+        amp=False,
+        augment=False,
+    )
+    callback = None
+    if kill_point == "after_epoch":
+
+        def callback(fold, epoch, metrics):
+            if epoch == 1:
+                raise Killed
+
+    else:
+        original = CvTracker.log_epoch
+
+        def log_epoch(self, run_id, epoch, metrics):
+            if epoch == 1:
+                raise Killed
+            original(self, run_id, epoch, metrics)
+
+        monkeypatch.setattr(CvTracker, "log_epoch", log_epoch)
+    with pytest.raises(Killed):
+        run_cross_validation(
+            config, experiment="resume", on_epoch_end=callback, progress=False, cache_root=tmp_path / "cache"
+        )
+    monkeypatch.undo()
+    client = MlflowClient()
+    (fold_run,) = _runs(client, KIND_FOLD)
+    assert fold_run.info.status in ("KILLED", "FAILED")
+    result = run_cross_validation(
+        config, resume_run_id=fold_run.info.run_id, progress=False, cache_root=tmp_path / "cache"
+    )
+    history = client.get_metric_history(fold_run.info.run_id, "val_score")
+    assert sorted(m.step for m in history) == [0, 1, 2]
+    assert len(_runs(client, KIND_FOLD)) == 1 and len(_runs(client, KIND_CV)) == 1
+    assert client.get_run(fold_run.info.run_id).info.status == "FINISHED"
+    assert result.run_id == fold_run.data.tags["mlflow.parentRunId"]
+    assert result.folds[0].run_id == fold_run.info.run_id
