@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -71,7 +72,15 @@ def _fill_store(uri: str, root: Path) -> TrackedCv:
 
 
 @pytest.fixture
-def mlflow_server(tmp_path: Path):
+def playwright_api():
+    """Playwright's sync API, after checking that Debian's Chromium is there (else skip, with the reason)."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium package (apt-get install -y chromium)")
+    return pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path, playwright_api):
     """``(base_url, TrackedCv)`` of a running ``mlflow server`` over a store holding a tiny cross-validation."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracked = _fill_store(uri, tmp_path)
@@ -81,6 +90,7 @@ def mlflow_server(tmp_path: Path):
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", uri, "--artifacts-destination", str(tmp_path / "served-artifacts")],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        start_new_session=True,  # its own process group, so that its uvicorn workers stop with it
     )
     base_url = f"http://127.0.0.1:{port}"
     try:
@@ -99,22 +109,19 @@ def mlflow_server(tmp_path: Path):
             time.sleep(0.5)
         yield base_url, tracked
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            server.kill()
+            os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
 
 
 @pytest.fixture
-def browser_page():
-    """A Playwright page in Debian's headless Chromium; skips (with the reason) where there is none."""
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium package (apt-get install -y chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
-    with sync_api.sync_playwright() as playwright:
+def browser_page(playwright_api, mlflow_server):
+    """A page in Debian's headless Chromium (closed before the server stops)."""
+    with playwright_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:
             yield browser.new_page(viewport={"width": 1600, "height": 1000})
@@ -122,7 +129,7 @@ def browser_page():
             browser.close()
 
 
-def test_experiment_page_and_run_comparison_show_fold_runs_and_val_score(browser_page, mlflow_server) -> None:
+def test_experiment_page_and_run_comparison_show_fold_runs_and_val_score(mlflow_server, browser_page) -> None:
     base_url, tracked = mlflow_server
     page = browser_page
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
