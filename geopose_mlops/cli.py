@@ -307,5 +307,26 @@ def tune(study_file: Path, n_trials: int | None, timeout: float | None, storage:
     click.echo(describe_study(study))
 
 
+# --- report (issue 6): leaderboard and curves from tracked runs ----------------------------------
+
+
+@main.command()
+@click.option("--experiment", default="geopose", show_default=True, help="MLflow experiment to report on.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder for tables and plots.")
+@click.option("--epochs", default=None, help="1-based epochs for the score@eN columns, e.g. 1,5,10 (default: up to 4).")
+def report(experiment: str, out_dir: Path, epochs: str | None) -> None:
+    """Leaderboard (Markdown, CSV) and validation-curve plots from the tracked runs of an experiment."""
+    from geopose_mlops.report import make_report
+
+    try:
+        chosen = [int(e) for e in epochs.split(",")] if epochs else None
+    except ValueError as err:
+        raise ConfigError(f"--epochs: expected comma-separated integers such as 1,5,10, got {epochs!r}") from err
+    result = make_report(experiment, out_dir, chosen)
+    click.echo(f"{len(result.rows)} architecture(s); report run {result.run_id}")
+    for path in result.paths:
+        click.echo(f"  {path}")
+
+
 if __name__ == "__main__":
     main()
