@@ -86,6 +86,13 @@ def run_params(config: TrainConfig, data_fingerprint: str) -> dict[str, str]:
     }
 
 
+def ensure_experiment(name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment ``name``, created with ``artifact_location`` if it does not exist yet."""
+    client = MlflowClient()
+    found = client.get_experiment_by_name(name)
+    return found.experiment_id if found else client.create_experiment(name, artifact_location=artifact_location)
+
+
 class CvTracker:
     """Creates, finds and fills the runs of one cross-validation.
 
@@ -162,6 +169,30 @@ class CvTracker:
             filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} = '{cv_run_id}' and tags.`{KIND_TAG}` = '{KIND_FOLD}'",
         )
         return {int(r.data.tags[FOLD_TAG]): r for r in runs}
+
+    def find_finished_cv_run(self, config: TrainConfig, data_fingerprint: str) -> str | None:
+        """A FINISHED top-level cv run of this experiment with the same params, data and code version.
+
+        Used to reuse work instead of training again (``geopose-ml demo``); None when there is none.
+        """
+        if self.client.get_experiment_by_name(self.experiment_name) is None:
+            return None
+        wanted = run_params(config, data_fingerprint)
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=(
+                f"tags.`{KIND_TAG}` = '{KIND_CV}' and attributes.status = 'FINISHED'"
+                f" and tags.`{CODE_VERSION_TAG}` = '{code_version()}'"
+                f" and params.{FINGERPRINT_PARAM} = '{data_fingerprint}'"
+            ),
+            order_by=["attributes.start_time DESC"],
+        )
+        for run in runs:
+            if MLFLOW_PARENT_RUN_ID in run.data.tags or "cv_score" not in run.data.metrics:
+                continue
+            if all(run.data.params.get(k) == v for k, v in wanted.items()):
+                return run.info.run_id
+        return None
 
     def start_fold_run(self, cv_run_id: str, fold: int, config: TrainConfig, data_fingerprint: str) -> str:
         """Create the nested run of one fold with the parent's params plus ``fold``."""
