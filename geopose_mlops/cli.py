@@ -53,6 +53,84 @@ def evaluate(predictions_dir: Path, truth_dir: Path, output_json: Path | None) -
         )
 
 
+# --- train (issue 3): one cross-validation, tracked in MLflow --------------------------------------
+
+
+def _train_options(command):
+    """The options shared by ``train`` and ``fold`` (SPEC §3; MLproject parameters underscored)."""
+    options = [
+        click.option("--data-dir", required=True, type=click.Path(path_type=Path), help="Data set (SPEC §2)."),
+        click.option("--encoder", default="resnet34", show_default=True, help="smp encoder, e.g. tu-regnetx_064."),
+        click.option("--decoder", default="Unet", show_default=True, help="smp architecture, e.g. FPN."),
+        click.option(
+            "--encoder-weights", default="none", show_default=True, help="none, imagenet, swsl/ssl or a file."
+        ),
+        click.option("--epochs", default=10, show_default=True, type=int, help="Epochs per fold."),
+        click.option("--lr", default=1e-4, show_default=True, type=float, help="Peak learning rate (AdamW)."),
+        click.option("--batch-size", default=4, show_default=True, type=int, help="Micro-batch, images."),
+        click.option(
+            "--effective-batch-size",
+            type=int,
+            help="Images per optimiser step, reached by accumulation (default or 0: the batch size).",
+        ),
+        click.option("--image-size", default=512, show_default=True, type=int, help="Training side, pixels."),
+        click.option("--crop-size", type=int, help="Random-crop side in training, px (default or 0: no crop)."),
+        click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision on CUDA."),
+        click.option("--k", default=5, show_default=True, type=int, help="Number of folds."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Seed of folds, weights, augmentation."),
+        click.option(
+            "--loss", default="mse", show_default=True, type=click.Choice(["mse", "r2", "huber_cos"]), help="Loss."
+        ),
+        click.option("--augment/--no-augment", default=True, show_default=True, help="Training augmentation."),
+        click.option("--num-workers", default=0, show_default=True, type=int, help="DataLoader workers."),
+        click.option("--experiment", default="geopose", show_default=True, help="MLflow experiment."),
+        click.option("--resume", "resume", help="Continue a cv or fold run by id (its own config is used)."),
+        click.option("--cache-dir", type=click.Path(path_type=Path), help="Cache root (default DATA/.geopose_cache)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _run_training(folds: str, options: dict) -> None:
+    from geopose_mlops.config import ModelConfig, TrainConfig
+    from geopose_mlops.errors import ConfigError as _ConfigError
+    from geopose_mlops.train.cv import run_cross_validation
+
+    try:
+        fold_list = None if folds.strip() == "all" else tuple(int(f) for f in folds.split(","))
+    except ValueError as err:
+        raise _ConfigError(f"--folds {folds!r}: expected 'all' or comma-separated fold numbers like 0,2") from err
+    model = ModelConfig(
+        encoder=options.pop("encoder"), decoder=options.pop("decoder"), encoder_weights=options.pop("encoder_weights")
+    )
+    experiment, resume, cache_dir = options.pop("experiment"), options.pop("resume"), options.pop("cache_dir")
+    # 0 and "" stand for "not given", as MLproject parameters cannot be left out.
+    options["effective_batch_size"] = options["effective_batch_size"] or None
+    options["crop_size"] = options["crop_size"] or None
+    config = TrainConfig(data_dir=str(options.pop("data_dir")), model=model, folds=fold_list, **options)
+    result = run_cross_validation(config, experiment=experiment, resume_run_id=resume or None, cache_root=cache_dir)
+    click.echo(f"cv run {result.run_id}: cv_score {result.cv_score:.4f}")
+    for fold, fold_result in result.folds.items():
+        click.echo(f"  fold {fold}: best val_score {fold_result.best_score:.4f} at epoch {fold_result.best_epoch}")
+
+
+@main.command()
+@_train_options
+@click.option("--folds", default="all", show_default=True, help="Folds to run: all, or e.g. 0,2.")
+def train(folds: str, **options) -> None:
+    """Train one cross-validation: a parent MLflow run and a nested run per fold."""
+    _run_training(folds, options)
+
+
+@main.command(hidden=True)
+@_train_options
+@click.option("--fold", required=True, type=int, help="The one fold to train and validate.")
+def fold(fold: int, **options) -> None:
+    """Train a single fold (``train --folds N``), as the MLproject's ``fold`` entry point."""
+    _run_training(str(fold), options)
+
+
 @main.command()
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--images-per-city", type=click.IntRange(min=0), required=True, help="Training images per city.")
@@ -117,6 +195,23 @@ def folds(data_dir: Path, k: int, seed: int, out: Path | None) -> None:
     target = out or data_dir / FOLDS_CSV
     write_folds(target, rows)
     click.echo(f"wrote {len(rows)} rows in {k} folds to {target}")
+
+
+@main.command()
+@click.argument("study_file", metavar="STUDY.yaml", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--n-trials", type=click.IntRange(min=1), help="Trials this run adds (default: the study file's).")
+@click.option("--timeout", type=click.FloatRange(min=0), help="Start no new trial after S seconds.")
+@click.option(
+    "--storage",
+    help="Optuna storage URL; default from the study file (SQLite beside it). Parallel workers: "
+    "postgresql://user:password@host:5432/db",
+)
+def tune(study_file: Path, n_trials: int | None, timeout: float | None, storage: str | None) -> None:
+    """Run or resume an Optuna study over lr and effective batch size; every trial a tracked run."""
+    from geopose_mlops.tuning import describe_study, load_study_config, run_study
+
+    study = run_study(load_study_config(study_file), n_trials=n_trials, timeout=timeout, storage=storage)
+    click.echo(describe_study(study))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,283 @@
+"""Every MLflow call of training: cross-validation and fold runs, params, metrics, checkpoints, OOF files.
+
+SPEC §4: a parent run tagged ``geopose.kind=cv`` (or the caller's kind, e.g. ``trial``) holds the
+configuration, the data set input, ``folds.csv``, ``config.json`` and the out-of-fold scores; one nested
+run per fold (``geopose.kind=fold``) holds per-epoch metrics (``step`` = epoch), the best and last
+checkpoints and the best epoch's ``oof/`` files. Runs are addressed by id through ``MlflowClient``, so
+training never depends on (or disturbs) the fluent API's active-run stack; a run started by
+``mlflow run`` (``MLFLOW_RUN_ID``) is adopted as the parent.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
+
+import geopose_mlops
+from geopose_mlops.config import TrainConfig, save_json_config
+from geopose_mlops.constants import DEFAULT_EXPERIMENT, KIND_CV, KIND_FOLD, KIND_TAG
+from geopose_mlops.errors import ConfigError
+
+FOLD_TAG = "geopose.fold"
+CODE_VERSION_TAG = "geopose.code_version"
+FINGERPRINT_PARAM = "data_fingerprint"
+CHECKPOINT_DIR, OOF_DIR = "checkpoints", "oof"
+MAX_BATCH = 500  # below the tracking server's per-request limit of 1000 metrics
+
+
+def code_version() -> str:
+    """Package version, plus ``+g<commit>`` (and ``.dirty``) when the package sits in a git checkout."""
+    version = geopose_mlops.__version__
+    package_dir = Path(geopose_mlops.__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=package_dir, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=package_dir,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return version
+    if commit.returncode != 0:
+        return version
+    return f"{version}+g{commit.stdout.strip()}" + (".dirty" if dirty.stdout.strip() else "")
+
+
+def run_params(config: TrainConfig, data_fingerprint: str) -> dict[str, str]:
+    """The params of a cv run (SPEC §4), plus the settings that change what is trained."""
+    return {
+        "encoder": config.model.encoder,
+        "decoder": config.model.decoder,
+        "encoder_weights": config.model.encoder_weights,
+        "use_metadata": str(config.model.use_metadata),
+        "lr": repr(config.lr),
+        "batch_size": str(config.batch_size),
+        "effective_batch_size": str(config.effective_batch_size or config.batch_size),
+        "epochs": str(config.epochs),
+        "amp": str(config.amp),
+        "image_size": str(config.image_size),
+        "crop_size": str(config.crop_size),
+        "k": str(config.k),
+        "folds": "all" if config.folds is None else ",".join(map(str, config.folds)),
+        "seed": str(config.seed),
+        "loss": config.loss,
+        "weight_decay": repr(config.weight_decay),
+        "augment": str(config.augment),
+        FINGERPRINT_PARAM: data_fingerprint,
+    }
+
+
+class CvTracker:
+    """Creates, finds and fills the runs of one cross-validation.
+
+    Args:
+        experiment: Experiment name (created if missing); ignored for a run adopted from ``mlflow run``
+            or resumed, which keeps its own experiment.
+    """
+
+    def __init__(self, experiment: str = DEFAULT_EXPERIMENT) -> None:
+        self.client = MlflowClient()
+        self.experiment_name = experiment
+        self._experiment_id: str | None = None
+
+    @property
+    def experiment_id(self) -> str:
+        """The experiment's id (it is created on first use)."""
+        if self._experiment_id is None:
+            found = self.client.get_experiment_by_name(self.experiment_name)
+            self._experiment_id = found.experiment_id if found else self.client.create_experiment(self.experiment_name)
+        return self._experiment_id
+
+    # --- runs ---------------------------------------------------------------------------------------
+
+    def start_cv_run(
+        self,
+        config: TrainConfig,
+        data_fingerprint: str,
+        parent_run_id: str | None = None,
+        run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> str:
+        """Open the parent run: an existing ``run_id``, the ``mlflow run`` one, or a new run.
+
+        Logs the tags (``geopose.kind`` = ``cv`` unless ``tags`` says otherwise, the code version) and
+        params; a run adopted with params already logged keeps them.
+        """
+        run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
+        all_tags = {KIND_TAG: KIND_CV, CODE_VERSION_TAG: code_version(), **(tags or {})}
+        if parent_run_id:
+            all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        if run_id:
+            run = self.client.get_run(run_id)
+            self._experiment_id = run.info.experiment_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            name = f"cv-{config.model.decoder}-{config.model.encoder}".lower()
+            run_id = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name).info.run_id
+            run = self.client.get_run(run_id)
+        params = {k: v for k, v in run_params(config, data_fingerprint).items() if k not in run.data.params}
+        self._log(run_id, params=params, tags=all_tags)
+        return run_id
+
+    def resume_target(self, run_id: str) -> tuple[str, int | None]:
+        """``(cv run id, fold or None)`` for the id of a cv run or of one of its fold runs.
+
+        Raises:
+            ConfigError: No such run, or a run that is neither.
+        """
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as err:
+            raise ConfigError(f"--resume {run_id}: no such run in {mlflow.get_tracking_uri()} ({err})") from err
+        self._experiment_id = run.info.experiment_id
+        if run.data.tags.get(KIND_TAG) == KIND_FOLD:
+            return run.data.tags[MLFLOW_PARENT_RUN_ID], int(run.data.tags[FOLD_TAG])
+        if FINGERPRINT_PARAM in run.data.params:
+            return run_id, None
+        raise ConfigError(f"--resume {run_id}: not a cross-validation or fold run (tag {KIND_TAG} missing)")
+
+    def fold_runs(self, cv_run_id: str) -> dict[int, mlflow.entities.Run]:
+        """The existing fold runs under a cv run, by fold."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} = '{cv_run_id}' and tags.`{KIND_TAG}` = '{KIND_FOLD}'",
+        )
+        return {int(r.data.tags[FOLD_TAG]): r for r in runs}
+
+    def start_fold_run(self, cv_run_id: str, fold: int, config: TrainConfig, data_fingerprint: str) -> str:
+        """Create the nested run of one fold with the parent's params plus ``fold``."""
+        tags = {
+            KIND_TAG: KIND_FOLD,
+            FOLD_TAG: str(fold),
+            MLFLOW_PARENT_RUN_ID: cv_run_id,
+            CODE_VERSION_TAG: code_version(),
+        }
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"fold-{fold}")
+        params = {**run_params(config, data_fingerprint), "fold": str(fold)}
+        self._log(run.info.run_id, params=params)
+        return run.info.run_id
+
+    def reopen(self, run_id: str) -> None:
+        """Mark a resumed run as running again."""
+        self.client.update_run(run_id, status="RUNNING")
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        """Close a run with ``FINISHED``, ``FAILED`` or ``KILLED``."""
+        self.client.set_terminated(run_id, status=status)
+
+    # --- values -------------------------------------------------------------------------------------
+
+    def _log(
+        self,
+        run_id: str,
+        metrics: dict[str, float] | None = None,
+        step: int = 0,
+        params: dict[str, str] | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        """Everything in as few requests as possible (one ``log_batch`` per 500 values)."""
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()]
+        items += [Param(k, str(v)) for k, v in (params or {}).items()]
+        items += [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        for start in range(0, len(items), MAX_BATCH):
+            chunk = items[start : start + MAX_BATCH]
+            self.client.log_batch(
+                run_id,
+                metrics=[i for i in chunk if isinstance(i, Metric)],
+                params=[i for i in chunk if isinstance(i, Param)],
+                tags=[i for i in chunk if isinstance(i, RunTag)],
+            )
+
+    def log_epoch(self, run_id: str, epoch: int, metrics: dict[str, float]) -> None:
+        """Log one epoch's metrics at ``step = epoch`` in one request."""
+        self._log(run_id, metrics=metrics, step=epoch)
+
+    def logged_epochs(self, run_id: str, key: str = "val_score") -> list[int]:
+        """The steps at which ``key`` was logged (epochs already recorded), sorted."""
+        return sorted(m.step for m in self.client.get_metric_history(run_id, key))
+
+    def log_fold_summary(self, run_id: str, best_score: float, best_epoch: int) -> None:
+        """``best_val_score`` and ``best_epoch`` of a finished fold."""
+        self._log(run_id, metrics={"best_val_score": best_score, "best_epoch": best_epoch})
+
+    def log_cv_scores(self, cv_run_id: str, scores: dict) -> None:
+        """``cv_score`` and ``cv_score_{CITY}`` from a ``GeoposeMetric.compute()`` over all OOF files."""
+        metrics = {"cv_score": scores["final_score"]}
+        metrics.update({f"cv_score_{city}": values["score"] for city, values in scores["cities"].items()})
+        self._log(cv_run_id, metrics=metrics)
+
+    def log_data(self, cv_run_id: str, folds_table: pd.DataFrame, data_dir: str, data_fingerprint: str) -> None:
+        """``folds.csv`` as an artifact and the data set as the run's input (digest = data fingerprint)."""
+        source = Path(data_dir).resolve().as_uri()
+        with warnings.catch_warnings():
+            # MLflow warns that a file:// source fits two equivalent local source types, and that integer
+            # columns cannot hold missing values (fold never does).
+            warnings.simplefilter("ignore", UserWarning)
+            # The tracking store keeps at most 36 characters of a digest; the full one is a param.
+            dataset = mlflow.data.from_pandas(
+                folds_table, source=source, name="geopose-train", digest=data_fingerprint[:36]
+            )
+        context = InputTag(key=MLFLOW_DATASET_CONTEXT, value="training")
+        # The client form of mlflow.log_input: the run is addressed by id, not by the active-run stack.
+        self.client.log_inputs(cv_run_id, [DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[context])])
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "folds.csv"
+            folds_table.to_csv(path, index=False)
+            self.client.log_artifact(cv_run_id, str(path))
+
+    def log_config(self, cv_run_id: str, config: TrainConfig) -> None:
+        """``config.json``: the TrainConfig that rebuilds this cross-validation."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "config.json"
+            save_json_config(config, path)
+            self.client.log_artifact(cv_run_id, str(path))
+
+    def download_artifact(self, run_id: str, name: str) -> Path:
+        """Download one artifact of a run (e.g. ``config.json``, ``folds.csv``) to a temporary folder.
+
+        Raises:
+            ConfigError: The run has no such artifact.
+        """
+        try:
+            return Path(self.client.download_artifacts(run_id, name, tempfile.mkdtemp(prefix="geopose-")))
+        except (MlflowException, OSError) as err:
+            raise ConfigError(f"run {run_id} has no artifact {name!r} ({err})") from err
+
+    # --- artifacts ----------------------------------------------------------------------------------
+
+    def log_checkpoint(self, run_id: str, path: Path) -> None:
+        """Upload a checkpoint file under ``checkpoints/`` (same name; replaces the previous one)."""
+        self.client.log_artifact(run_id, str(path), CHECKPOINT_DIR)
+
+    def log_oof(self, run_id: str, folder: Path) -> None:
+        """Upload the files of an ``oof/`` folder under ``oof/``."""
+        self.client.log_artifacts(run_id, str(folder), OOF_DIR)
+
+    def download_checkpoint(self, run_id: str, name: str, dest: Path) -> Path | None:
+        """Download ``checkpoints/<name>`` of a run into ``dest``; None if the run has none."""
+        names = {Path(f.path).name for f in self.client.list_artifacts(run_id, CHECKPOINT_DIR)}
+        if name not in names:
+            return None
+        dest.mkdir(parents=True, exist_ok=True)
+        return Path(self.client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/{name}", str(dest)))
+
+    def download_oof(self, run_id: str, dest: Path) -> Path:
+        """Download a fold run's ``oof/`` folder into ``dest``; returns the local ``oof`` folder."""
+        dest.mkdir(parents=True, exist_ok=True)
+        return Path(self.client.download_artifacts(run_id, OOF_DIR, str(dest)))

@@ -1,0 +1,337 @@
+"""Cross-validation: data -> cache -> folds -> a tracked run per fold -> out-of-fold score.
+
+``run_cross_validation`` opens (or adopts, or resumes) the parent run, trains every selected fold in its
+own nested run and logs ``cv_score`` over all folds' out-of-fold files as stored. ``train_fold`` is one
+fold on its own, for callers (the tuner) that drive folds themselves. Per epoch, in this order: train,
+validate, store ``best.pt`` and ``oof/`` when the score improved, store ``last.pt``, log the metrics,
+call ``on_epoch_end``. A run killed at any point resumes from ``last.pt`` with no epoch lost or logged
+twice: the checkpoint carries its epoch's metrics, logged on resume if the kill came before they were.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from geopose_mlops.config import TrainConfig, load_json_config
+from geopose_mlops.constants import DEFAULT_EXPERIMENT, FOLDS_CSV
+from geopose_mlops.data.cache import SampleCache, build_cache
+from geopose_mlops.data.dataset import EpochSampler, GeoposeDataset
+from geopose_mlops.data.folds import make_folds, read_folds
+from geopose_mlops.data.layout import find_samples
+from geopose_mlops.errors import ConfigError, GeoposeError
+from geopose_mlops.train import loop
+from geopose_mlops.train.checkpoint import BEST_NAME, LAST_NAME, load_checkpoint, save_checkpoint
+from geopose_mlops.train.oof import score_oof_folders
+
+# on_epoch_end(fold, epoch, metrics): called after each epoch is logged; raise to stop the run.
+EpochCallback = Callable[[int, int, dict[str, float]], None]
+
+
+@dataclass
+class PreparedData:
+    """The samples decoded into the cache and their folds (a table with columns id, city, fold)."""
+
+    cache: SampleCache
+    folds_table: pd.DataFrame
+
+
+@dataclass
+class FoldResult:
+    """One finished fold: its run, best validation score and epoch."""
+
+    run_id: str
+    best_score: float
+    best_epoch: int
+
+
+@dataclass
+class CvResult:
+    """One finished cross-validation: parent run id, out-of-fold scores, folds."""
+
+    run_id: str
+    cv_score: float
+    city_scores: dict[str, float]
+    folds: dict[int, FoldResult] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (CPU and CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def folds_table_for(samples: list, data_dir: str | Path, k: int, seed: int) -> pd.DataFrame:
+    """``DATA/folds.csv`` when it covers every sample with folds 0..k-1, else seeded stratified folds."""
+    path = Path(data_dir) / FOLDS_CSV
+    if path.is_file():
+        folds = read_folds(path)
+        if {s.sample_id for s in samples} <= set(folds) and set(folds.values()) == set(range(k)):
+            rows = [(s.sample_id, s.city, folds[s.sample_id]) for s in samples]
+            return pd.DataFrame(rows, columns=["id", "city", "fold"])
+    return pd.DataFrame(make_folds(samples, k, seed), columns=["id", "city", "fold"])
+
+
+def prepare_data(
+    config: TrainConfig, cache_root: str | Path | None = None, folds_table: pd.DataFrame | None = None
+) -> PreparedData:
+    """Find the training samples, build or reuse their cache, and assign folds (unless given)."""
+    samples = find_samples(config.data_dir, "train")
+    cache = build_cache(samples, cache_root, config.image_size)
+    if folds_table is None:
+        folds_table = folds_table_for(samples, config.data_dir, config.k, config.seed)
+    return PreparedData(cache=cache, folds_table=folds_table)
+
+
+def _resume_state(tracker, run_id: str, local_dir: Path) -> dict | None:
+    """The last checkpoint of a fold run: its artifact, else the local copy; None if neither exists."""
+    path = tracker.download_checkpoint(run_id, LAST_NAME, local_dir / "download")
+    if path is None and (local_dir / LAST_NAME).is_file():
+        path = local_dir / LAST_NAME
+    return load_checkpoint(path) if path is not None else None
+
+
+def train_fold(
+    config: TrainConfig,
+    data: PreparedData,
+    fold: int,
+    tracker,
+    cv_run_id: str,
+    work_dir: Path,
+    fold_run_id: str | None = None,
+    device: torch.device | None = None,
+    on_epoch_end: EpochCallback | None = None,
+    progress: bool = True,
+) -> FoldResult:
+    """Train, validate and track one fold in its own nested run (new, or resumed from ``last.pt``).
+
+    Args:
+        config: The cross-validation's configuration.
+        data: Cache and folds.
+        fold: Fold to validate on (trained on all the others).
+        tracker: A ``tracking.CvTracker``.
+        cv_run_id: The parent run.
+        work_dir: Local folder for this fold's checkpoints and OOF files.
+        fold_run_id: An existing fold run to resume (None: a new run).
+        device: Where to train (None: CUDA if available).
+        on_epoch_end: Called as ``(fold, epoch, metrics)`` after each logged epoch; may raise to stop.
+        progress: Show a progress bar over epochs.
+
+    Raises:
+        GeoposeError: The fold has no training or validation images, or the loss became non-finite.
+    """
+    from geopose_mlops.models.factory import build_model
+    from geopose_mlops.models.losses import build_loss
+
+    device = device or default_device()
+    work_dir = Path(work_dir)
+    table = data.folds_table
+    val_ids = table.loc[table["fold"] == fold, "id"].tolist()
+    train_ids = table.loc[table["fold"] != fold, "id"].tolist()
+    if not val_ids or not train_ids:
+        raise GeoposeError(f"fold {fold}: {len(train_ids)} training and {len(val_ids)} validation images")
+    seed_everything(config.seed * 1000 + fold)
+    model = build_model(config.model).to(device, memory_format=torch.channels_last)
+    precision = loop.make_precision(device, config.amp)
+    optimizer = loop.build_optimizer(model, config.lr, config.weight_decay)
+    loss_fn = build_loss(config.loss)
+    start_epoch, best_score, best_epoch = 0, -math.inf, -1
+    state = _resume_state(tracker, fold_run_id, work_dir) if fold_run_id else None
+    if fold_run_id is None:
+        fold_run_id = tracker.start_fold_run(cv_run_id, fold, config, data.cache.fingerprint)
+    else:
+        tracker.reopen(fold_run_id)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        precision.scaler.load_state_dict(state["scaler"])
+        start_epoch, best_score, best_epoch = state["epoch"] + 1, state["best_score"], state["best_epoch"]
+        if state["epoch"] not in tracker.logged_epochs(fold_run_id):
+            tracker.log_epoch(fold_run_id, state["epoch"], state["metrics"])
+
+    augmentation = None
+    if config.augment:
+        from geopose_mlops.data.augment import build_train_augmentation
+
+        augmentation = build_train_augmentation(crop_size=config.crop_size)
+    train_set = GeoposeDataset(data.cache, data.cache.rows(train_ids), augmentation)
+    sampler = EpochSampler(len(train_set), seed=config.seed * 1000 + fold, shuffle=True)
+    train_loader = loop.make_loader(train_set, config.batch_size, config.num_workers, sampler)
+    val_loader = loop.make_loader(
+        GeoposeDataset(data.cache, data.cache.rows(val_ids)), config.batch_size, config.num_workers
+    )
+    steps_per_epoch = math.ceil(len(train_loader) / config.accumulation_steps)
+    total_steps = steps_per_epoch * config.epochs
+
+    def lr_at_step(step: int) -> float:
+        return loop.learning_rate(step, total_steps, config.lr)
+
+    status = "FAILED"
+    try:
+        epochs = range(start_epoch, config.epochs)
+        for epoch in tqdm(epochs, desc=f"fold {fold}", disable=not progress, unit="epoch"):
+            start = time.perf_counter()
+            sampler.set_epoch(epoch)
+            try:
+                result = loop.train_one_epoch(
+                    model,
+                    train_loader,
+                    optimizer,
+                    loss_fn,
+                    precision,
+                    config.accumulation_steps,
+                    lr_at_step,
+                    first_step=epoch * steps_per_epoch,
+                    epoch=epoch,
+                )
+            except GeoposeError as err:
+                kept = f"epoch {epoch - 1}" if epoch > 0 else "none yet"
+                raise GeoposeError(f"fold {fold} (run {fold_run_id}): {err} Last good checkpoint: {kept}.") from err
+            oof = loop.predict_validation(model, val_loader, precision)
+            metrics = loop.validation_metrics(oof.score())
+            metrics.update(train_loss=result.train_loss, lr=result.lr)
+            if best_epoch < 0 or metrics["val_score"] > best_score:
+                best_score, best_epoch = metrics["val_score"], epoch
+                best = save_checkpoint(
+                    work_dir / BEST_NAME,
+                    model,
+                    optimizer,
+                    precision.scaler,
+                    config,
+                    fold,
+                    epoch,
+                    best_score,
+                    best_epoch,
+                )
+                tracker.log_checkpoint(fold_run_id, best)
+                tracker.log_oof(fold_run_id, oof.save(work_dir / "oof"))
+            metrics["epoch_seconds"] = time.perf_counter() - start
+            last = save_checkpoint(
+                work_dir / LAST_NAME,
+                model,
+                optimizer,
+                precision.scaler,
+                config,
+                fold,
+                epoch,
+                best_score,
+                best_epoch,
+                metrics,
+            )
+            tracker.log_checkpoint(fold_run_id, last)
+            tracker.log_epoch(fold_run_id, epoch, metrics)
+            status = "KILLED"  # an exception from the callback is the caller's decision to stop
+            if on_epoch_end is not None:
+                on_epoch_end(fold, epoch, metrics)
+            status = "FAILED"
+        tracker.log_fold_summary(fold_run_id, best_score, best_epoch)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end_run(fold_run_id, status)
+    return FoldResult(run_id=fold_run_id, best_score=best_score, best_epoch=best_epoch)
+
+
+def run_cross_validation(
+    config: TrainConfig,
+    experiment: str = DEFAULT_EXPERIMENT,
+    resume_run_id: str | None = None,
+    parent_run_id: str | None = None,
+    run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    on_epoch_end: EpochCallback | None = None,
+    cache_root: str | Path | None = None,
+    work_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> CvResult:
+    """Train and track one cross-validation (SPEC §3 ``train``, §4 runs).
+
+    Args:
+        config: What to train. On resume the run's own ``config.json`` is used instead.
+        experiment: MLflow experiment name for a new run.
+        resume_run_id: A cv run or one of its fold runs: finished folds are kept, unfinished ones
+            continue from their ``last.pt``, missing ones start, all in the same runs.
+        parent_run_id: Nest the cv run under this run (e.g. an Optuna study run).
+        run_id: Use this existing run as the parent (default: ``MLFLOW_RUN_ID`` from ``mlflow run``,
+            else a new run).
+        tags: Extra tags of the parent run (e.g. ``{"geopose.kind": "trial"}``).
+        on_epoch_end: ``(fold, epoch, metrics) -> None`` after each epoch; raising stops the run (the
+            fold run is marked KILLED, the cv run FAILED) and the exception propagates.
+        cache_root: Preprocessing cache folder (None: ``DATA/.geopose_cache``).
+        work_dir: Local folder for checkpoints and OOF files (None: a temporary folder, removed after).
+        device: Where to train (None: CUDA if available, else CPU).
+        progress: Show progress bars.
+
+    Returns:
+        The parent run id, ``cv_score``, per-city scores and the folds' results.
+    """
+    from geopose_mlops.tracking import CvTracker
+
+    tracker = CvTracker(experiment)
+    folds_table = None
+    existing: dict = {}
+    if resume_run_id:
+        run_id, _ = tracker.resume_target(resume_run_id)
+        config = load_json_config(TrainConfig, tracker.download_artifact(run_id, "config.json"))
+        folds_table = pd.read_csv(tracker.download_artifact(run_id, FOLDS_CSV))
+        existing = tracker.fold_runs(run_id)
+    data = prepare_data(config, cache_root, folds_table)
+    missing = sorted(set(config.fold_list()) - set(data.folds_table["fold"]))
+    if missing:
+        raise ConfigError(f"folds {missing} have no images in the folds table (k={config.k})")
+    device = torch.device(device) if device is not None else default_device()
+    cv_run_id = tracker.start_cv_run(config, data.cache.fingerprint, parent_run_id, run_id, tags)
+    if not resume_run_id:
+        tracker.log_config(cv_run_id, config)
+        tracker.log_data(cv_run_id, data.folds_table, config.data_dir, data.cache.fingerprint)
+    with tempfile.TemporaryDirectory(prefix="geopose-cv-") as tmp:
+        root = Path(work_dir) if work_dir is not None else Path(tmp)
+        results: dict[int, FoldResult] = {}
+        try:
+            for fold in config.fold_list():
+                run = existing.get(fold)
+                if run is not None and run.info.status == "FINISHED":
+                    results[fold] = FoldResult(
+                        run.info.run_id, run.data.metrics["best_val_score"], int(run.data.metrics["best_epoch"])
+                    )
+                    continue
+                results[fold] = train_fold(
+                    config,
+                    data,
+                    fold,
+                    tracker,
+                    cv_run_id,
+                    root / cv_run_id / f"fold_{fold}",
+                    fold_run_id=run.info.run_id if run is not None else None,
+                    device=device,
+                    on_epoch_end=on_epoch_end,
+                    progress=progress,
+                )
+            oof_dirs = [tracker.download_oof(r.run_id, Path(tmp) / "oof" / f"fold_{f}") for f, r in results.items()]
+            scores = score_oof_folders(oof_dirs)
+            tracker.log_cv_scores(cv_run_id, scores)
+        except BaseException:
+            tracker.end_run(cv_run_id, "FAILED")
+            raise
+    tracker.end_run(cv_run_id, "FINISHED")
+    city_scores = {city: values["score"] for city, values in scores["cities"].items()}
+    return CvResult(cv_run_id, scores["final_score"], city_scores, results)
