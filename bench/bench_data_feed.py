@@ -25,9 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import common
 import cv2
 
-import common
 from geopose_mlops.constants import AGL, ANGLE, CITIES, CITY, GSD, IMAGE, SAMPLE_ID, SCALE
 from geopose_mlops.data import io
 from geopose_mlops.data.augment import build_train_augmentation

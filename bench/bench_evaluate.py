@@ -22,9 +22,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import common
 import numpy as np
 
-import common
 from geopose_mlops.constants import CITIES
 from geopose_mlops.data import io
 from geopose_mlops.metrics import evaluate_folder

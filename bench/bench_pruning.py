@@ -27,9 +27,8 @@ import tempfile
 import zlib
 from pathlib import Path
 
-import numpy as np
-
 import common
+import numpy as np
 
 REDUCTION_GOAL = 0.40
 NOISE_STD = 0.005  # of the synthetic validation score, per epoch

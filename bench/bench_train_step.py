@@ -22,11 +22,11 @@ import math
 import sys
 import time
 
+import common
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-import common
 from geopose_mlops.config import ModelConfig
 from geopose_mlops.constants import AGL, ANGLE, CITY, GSD, IMAGE, SAMPLE_ID, SCALE
 from geopose_mlops.data.dataset import to_tensors
@@ -121,7 +121,10 @@ def run(args: list[str] | None = None) -> list[dict]:
     parser.add_argument("--encoder", default="resnet34", help="encoder of the U-Net")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads (1: per-core figures; OpenMP threads spin badly on busy shared cores)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: per-core figures; OpenMP threads spin badly on busy shared cores)",
     )
     opts = parser.parse_args(args)
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -208,7 +211,10 @@ def run(args: list[str] | None = None) -> list[dict]:
         )
     common.write_results(figures, opts.results)
     common.print_figures(figures)
-    print(f"reference {ref_rate:.2f} images/s, ours {our_rate:.2f} images/s ({precision.name}, {size}², batch {batch_size})")
+    print(
+        f"reference {ref_rate:.2f} images/s, ours {our_rate:.2f} images/s ({precision.name}, {size}², "
+        f"batch {batch_size})"
+    )
     return figures
 
 

@@ -20,7 +20,7 @@ import common
 
 SCRIPTS: list[tuple[str, list[str]]] = [
     ("bench_data_feed.py", ["--images", "4", "--size", "128", "--image-size", "64", "--repeats", "1"]),
-    ("bench_train_step.py", ["--size", "64", "--batch", "1", "--steps", "1", "--encoder", "resnet18", "--repeats", "1"]),
+    ("bench_train_step.py", ["--size", "64", "--batch", "1", "--steps", "1", "--encoder", "resnet18"]),
     ("bench_evaluate.py", ["--images", "4", "--size", "64", "--repeats", "1"]),
     ("bench_ensemble_fit.py", ["--images", "8", "--size", "32", "--members", "2", "--repeats", "1"]),
     ("bench_tracking.py", ["--size", "32", "--images-per-city", "2", "--epochs", "2", "--repeats", "1"]),
@@ -54,9 +54,8 @@ def markdown_table(results: list[dict], seconds: float | None = None) -> str:
     for row in results:
         ref, ours, spread = _medians(row)
         state = "MET" if row["met"] else "**MISSED**"
-        lines.append(
-            f"| {row['figure']} | {row['value']:.4g} {row['unit']} | {row['goal']} | {state} | {ref} | {ours} | {spread} |"
-        )
+        value = f"{row['value']:.4g} {row['unit']}"
+        lines.append(f"| {row['figure']} | {value} | {row['goal']} | {state} | {ref} | {ours} | {spread} |")
     machine = results[0].get("machine", {}) if results else common.machine_info()
     lines += ["", "Spread: (max - min) / median over the timed repeats; per-image or per-sample times."]
     lines.append("")
