@@ -10,6 +10,7 @@ smallest sizes (a smoke test, not figures to quote).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -26,6 +27,21 @@ SCRIPTS: list[tuple[str, list[str]]] = [
     ("bench_tracking.py", ["--size", "32", "--images-per-city", "2", "--epochs", "2", "--repeats", "1"]),
     ("bench_pruning.py", ["--trials", "6"]),
 ]
+
+
+# A script whose project module is missing from this checkout is skipped (and the table says so).
+REQUIRES = {"bench_ensemble_fit.py": "geopose_mlops.ensemble"}
+
+
+def _missing_module(script: str) -> str | None:
+    module = REQUIRES.get(script)
+    if module is None:
+        return None
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        found = False
+    return None if found else module
 
 
 def _medians(row: dict) -> tuple[str, str, str]:
@@ -45,7 +61,7 @@ def _medians(row: dict) -> tuple[str, str, str]:
     return "", "", ""
 
 
-def markdown_table(results: list[dict], seconds: float | None = None) -> str:
+def markdown_table(results: list[dict], seconds: float | None = None, skipped: list[str] | None = None) -> str:
     """The results as a Markdown table, with the machine and versions underneath."""
     lines = [
         "| figure | value | goal | met | reference (median) | ours (median) | spread ref / ours |",
@@ -56,6 +72,8 @@ def markdown_table(results: list[dict], seconds: float | None = None) -> str:
         state = "MET" if row["met"] else "**MISSED**"
         value = f"{row['value']:.4g} {row['unit']}"
         lines.append(f"| {row['figure']} | {value} | {row['goal']} | {state} | {ref} | {ours} | {spread} |")
+    for script in skipped or []:
+        lines.append(f"| {script} | not measured | | **NOT RUN**: {REQUIRES[script]} is not in this checkout | | | |")
     machine = results[0].get("machine", {}) if results else common.machine_info()
     lines += ["", "Spread: (max - min) / median over the timed repeats; per-image or per-sample times."]
     lines.append("")
@@ -85,9 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     if only is None and results_path.exists():
         results_path.unlink()  # a full run starts a fresh file
     start = time.perf_counter()
-    failed = []
+    failed, skipped = [], []
     for script, quick_flags in SCRIPTS:
         if only is not None and script not in only and script.removesuffix(".py") not in only:
+            continue
+        missing = _missing_module(script)
+        if missing:
+            print(f"== {script}: skipped, {missing} is not in this checkout", flush=True)
+            skipped.append(script)
             continue
         command = [sys.executable, str(common.BENCH_DIR / script), "--results", str(results_path)]
         command += quick_flags if opts.quick else []
@@ -98,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {script}: {time.perf_counter() - script_start:.0f} s", flush=True)
     seconds = time.perf_counter() - start
     results = json.loads(results_path.read_text()) if results_path.exists() else []
-    table = markdown_table(results, seconds)
+    table = markdown_table(results, seconds, skipped)
     (opts.out_dir / "results.md").write_text(table)
     print(table, flush=True)
     if failed:

@@ -1,5 +1,6 @@
 """Smoke test of ``make bench``: every script runs at its smallest sizes and reports its figures."""
 
+import importlib.util
 import json
 import math
 import os
@@ -16,12 +17,13 @@ FIGURES = {
     "train_step_speedup_cpu",
     "evaluate_speedup",
     "evaluate_score_difference",
-    "ensemble_fit_peak_memory_growth_ours",
-    "ensemble_fit_peak_memory_growth_reference",
     "tracking_overhead",
     "pruning_epoch_reduction",
     "pruning_best_value_difference",
 }
+if importlib.util.find_spec("geopose_mlops.ensemble") is not None:
+    # run_all skips the ensemble figure where that module is not in the checkout yet.
+    FIGURES |= {"ensemble_fit_peak_memory_growth_ours", "ensemble_fit_peak_memory_growth_reference"}
 
 
 @pytest.mark.slow
