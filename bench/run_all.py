@@ -30,7 +30,7 @@ SCRIPTS: list[tuple[str, list[str]]] = [
 
 
 # A script whose project module is missing from this checkout is skipped (and the table says so).
-REQUIRES = {"bench_ensemble_fit.py": "geopose_mlops.ensemble"}
+REQUIRES = {"bench_ensemble_fit.py": "geopose_mlops.ensemble.fit"}
 
 
 def _missing_module(script: str) -> str | None:

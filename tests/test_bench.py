@@ -21,7 +21,7 @@ FIGURES = {
     "pruning_epoch_reduction",
     "pruning_best_value_difference",
 }
-if importlib.util.find_spec("geopose_mlops.ensemble") is not None:
+if importlib.util.find_spec("geopose_mlops.ensemble.fit") is not None:
     # run_all skips the ensemble figure where that module is not in the checkout yet.
     FIGURES |= {"ensemble_fit_peak_memory_growth_ours", "ensemble_fit_peak_memory_growth_reference"}
 
