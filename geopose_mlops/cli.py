@@ -328,5 +328,64 @@ def report(experiment: str, out_dir: Path, epochs: str | None) -> None:
         click.echo(f"  {path}")
 
 
+# --- ensemble, promote, predict (issue 5) --------------------------------------------------------
+
+
+@main.group()
+def ensemble() -> None:
+    """Ensembles fitted on tracked out-of-fold predictions."""
+
+
+@ensemble.command("fit")
+@click.option("--experiment", default="geopose", show_default=True, help="Experiment of the candidate cv runs.")
+@click.option(
+    "--filter", "filter_string", default="", help="Extra MLflow filter, e.g. \"params.encoder = 'resnet34'\"."
+)
+@click.option("--run-ids", default="", help="Comma-separated cv run ids instead of a search.")
+@click.option("--max-members", type=click.IntRange(1), default=None, help="Keep the N best cv runs.")
+@click.option("--method", type=click.Choice(["simplex", "caruana", "equal"]), default="simplex", show_default=True)
+def ensemble_fit(experiment: str, filter_string: str, run_ids: str, max_members: int | None, method: str) -> None:
+    """Fit weights, city height factors and a scale model on OOF predictions; log an ensemble run."""
+    from geopose_mlops.registry import fit_tracked_ensemble
+
+    ids = [r for r in run_ids.split(",") if r] or None
+    run_id, spec = fit_tracked_ensemble(experiment, filter_string, ids, max_members, method)
+    click.echo(
+        f"ensemble run {run_id}: oof_score {spec.oof_score:.4f} (best member {spec.best_member_oof_score:.4f}, "
+        f"equal weights {spec.equal_weights_oof_score:.4f})"
+    )
+    for member, weight in zip(spec.members, spec.height_weights, strict=True):
+        click.echo(f"  {member}: height weight {weight:.3f}")
+    click.echo(f"  city height factors {spec.city_height_factors}; scale model {spec.scale_model or 'not kept'}")
+
+
+@main.command()
+@click.option("--ensemble", "ensemble_ref", required=True, help="best, or an ensemble run id.")
+@click.option("--name", default="geopose-ensemble", show_default=True, help="Registered model name.")
+@click.option("--alias", default="champion", show_default=True, help="Alias moved to the new version.")
+@click.option("--force", is_flag=True, help="Move the alias even to a worse ensemble.")
+@click.option("--experiment", default="geopose", show_default=True, help="Where --ensemble best looks.")
+def promote(ensemble_ref: str, name: str, alias: str, force: bool, experiment: str) -> None:
+    """Register the ensemble as a model version and move the alias to it."""
+    from geopose_mlops.registry import promote as promote_ensemble
+
+    version, created = promote_ensemble(ensemble_ref, name, alias, force, experiment)
+    click.echo(f"{name} version {version} ({'new' if created else 'existing'}) is now @{alias}: models:/{name}@{alias}")
+
+
+@main.command()
+@click.option("--model", "model_uri", default="models:/geopose-ensemble@champion", show_default=True)
+@click.option("--images", "images_dir", required=True, type=click.Path(path_type=Path), help="Folder of RGB images.")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Submission folder.")
+@click.option("--tta", type=click.Choice(["none", "flip", "d4"]), default="none", show_default=True)
+def predict(model_uri: str, images_dir: Path, out_dir: Path, tta: str) -> None:
+    """Write a submission folder (SPEC §2) for every image, with optional test-time augmentation."""
+    from geopose_mlops.inference import predict_folder
+    from geopose_mlops.registry import load_predictor
+
+    done = predict_folder(load_predictor(model_uri), images_dir, out_dir, tta)
+    click.echo(f"wrote {len(done)} prediction(s) to {out_dir}")
+
+
 if __name__ == "__main__":
     main()

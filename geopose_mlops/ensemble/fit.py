@@ -101,7 +101,9 @@ def _simplex_argmax(objective, start: np.ndarray) -> np.ndarray:
 def fit_simplex_weights(stats: OofStatistics, rounds: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Height, scale and angle weights on the simplex that maximise the OOF score (coordinate ascent)."""
     k = len(stats.members)
-    w = v = u = np.full(k, 1.0 / k)
+    # Start from the better of equal weights and the best single member, so the fit never loses to either.
+    starts = [np.full(k, 1.0 / k), *np.eye(k)]
+    w = v = u = max(starts, key=lambda x: _score(stats, x, x, x))
     for _ in range(rounds):
         w = _simplex_argmax(lambda x, v=v, u=u: _score(stats, x, v, u), w)
         v = _simplex_argmax(lambda x, w=w, u=u: _score(stats, w, x, u), v)

@@ -1,0 +1,124 @@
+"""Train two tiny architectures, fit an ensemble, promote it, predict through the registry, evaluate."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from geopose_mlops.cli import main
+from geopose_mlops.config import ModelConfig, TrainConfig
+from geopose_mlops.constants import AGL, SCALE, XYDIR
+from geopose_mlops.data.synth import make_synthetic_dataset
+from geopose_mlops.ensemble.fit import EnsembleSpec
+from geopose_mlops.inference import EnsemblePredictor
+from geopose_mlops.train.cv import run_cross_validation
+
+
+@pytest.mark.slow
+def test_fit_promote_predict_evaluate(tmp_path, monkeypatch) -> None:
+    torch.set_num_threads(1)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    MlflowClient().create_experiment("e2e", artifact_location=(tmp_path / "artifacts").as_uri())
+    data = tmp_path / "data"
+    make_synthetic_dataset(data, 3, 64, 0, test_images_per_city=1)
+    runs = []
+    for decoder in ("Unet", "FPN"):
+        config = TrainConfig(
+            data_dir=str(data),
+            model=ModelConfig(encoder="tu-mobilenetv3_small_050", decoder=decoder),
+            epochs=1,
+            lr=3e-3,
+            batch_size=4,
+            image_size=64,
+            k=2,
+            amp=False,
+            augment=False,
+        )
+        runs.append(run_cross_validation(config, experiment="e2e", progress=False))
+    runner = CliRunner()
+    fitted = runner.invoke(main, ["ensemble", "fit", "--experiment", "e2e"])
+    assert fitted.exit_code == 0, fitted.output
+    client = MlflowClient()
+    ensembles = client.search_runs(
+        [client.get_experiment_by_name("e2e").experiment_id], "tags.`geopose.kind` = 'ensemble'"
+    )
+    assert len(ensembles) == 1
+    best = ensembles[0]
+    assert best.data.metrics["oof_score"] >= best.data.metrics["best_member_oof_score"] - 1e-9
+    assert sorted(json.loads(best.data.params["members"])) == sorted(r.run_id for r in runs)
+
+    promoted = runner.invoke(main, ["promote", "--ensemble", "best", "--experiment", "e2e"])
+    assert promoted.exit_code == 0, promoted.output
+    again = runner.invoke(main, ["promote", "--ensemble", best.info.run_id, "--experiment", "e2e"])
+    assert again.exit_code == 0 and "existing" in again.output
+    assert len(client.search_model_versions("name = 'geopose-ensemble'")) == 1
+
+    out = tmp_path / "submission"
+    predicted = runner.invoke(main, ["predict", "--images", str(data / "test"), "--out", str(out), "--tta", "flip"])
+    assert predicted.exit_code == 0, predicted.output
+    assert len(list(out.glob("*_AGL.tif"))) == 4 and len(list(out.glob("*_VFLOW.json"))) == 4
+    scores = tmp_path / "scores.json"
+    evaluated = runner.invoke(
+        main,
+        ["evaluate", "--predictions-dir", str(out), "--truth-dir", str(data / "test_truth"), "--output-json", str(scores)],
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    assert math.isfinite(json.loads(scores.read_text())["final_score"])
+
+    # An ensemble of the weaker member alone scores below the champion: its promotion is refused.
+    weaker = min(runs, key=lambda r: r.cv_score)
+    worse = runner.invoke(main, ["ensemble", "fit", "--experiment", "e2e", "--run-ids", weaker.run_id])
+    assert worse.exit_code == 0, worse.output
+    worse_id = re.search(r"ensemble run (\w+):", worse.output).group(1)
+    refused = runner.invoke(main, ["promote", "--ensemble", worse_id, "--experiment", "e2e"])
+    assert refused.exit_code == 1
+    assert "refusing" in refused.output and "oof_score" in refused.output
+    champion = client.get_model_version_by_alias("geopose-ensemble", "champion")
+    assert champion.tags["geopose.ensemble_run_id"] == best.info.run_id
+
+
+class _Equivariant(torch.nn.Module):
+    """Height = 10 x red channel; direction = from the image centre to the brightest red pixel."""
+
+    def forward(self, image, gsd, city):
+        red = image[:, 0]
+        b, h, w = red.shape
+        flat = red.reshape(b, -1).argmax(1)
+        rows, cols = (flat // w).float(), (flat % w).float()
+        dx, dy = cols - (w - 1) / 2, rows - (h - 1) / 2
+        norm = torch.sqrt(dx**2 + dy**2)
+        return {AGL: 10 * red, XYDIR: torch.stack([dx / norm, dy / norm], 1), SCALE: torch.full((b,), 2.0)}
+
+
+def _fake_predictor() -> EnsemblePredictor:
+    predictor = EnsemblePredictor.__new__(EnsemblePredictor)
+    predictor.spec = EnsembleSpec(["m"], "equal", [1.0], [1.0], [1.0], image_size=8)
+    predictor.device = torch.device("cpu")
+    predictor.members = [[_Equivariant()]]
+    predictor.scale_model = None
+    return predictor
+
+
+def test_tta_undoes_each_view_on_heights_and_angles() -> None:
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 200, (1, 8, 8, 3), dtype=np.uint8)
+    rgb[0, 1, 6, 0] = 255  # the brightest red pixel: up and to the right of the centre
+    predictor = _fake_predictor()
+    plain = predictor.predict(rgb, np.array([0.5]), ["JAX"], "none")
+    for tta in ("flip", "d4"):
+        out = predictor.predict(rgb, np.array([0.5]), ["JAX"], tta)
+        np.testing.assert_allclose(out["agl"], plain["agl"], atol=1e-5)
+        assert out["angle"][0] == pytest.approx(plain["angle"][0], abs=1e-6)
+    # A horizontally flipped image gives the flipped height map and the angle -a (SPEC §1).
+    flipped = predictor.predict(np.ascontiguousarray(rgb[:, :, ::-1]), np.array([0.5]), ["JAX"], "flip")
+    np.testing.assert_allclose(flipped["agl"][0], plain["agl"][0][:, ::-1], atol=1e-5)
+    assert flipped["angle"][0] == pytest.approx(-plain["angle"][0], abs=1e-6)
