@@ -387,5 +387,29 @@ def predict(model_uri: str, images_dir: Path, out_dir: Path, tta: str) -> None:
     click.echo(f"wrote {len(done)} prediction(s) to {out_dir}")
 
 
+# --- demo (issue 6) --------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--workdir", default="demo_work", show_default=True, type=click.Path(path_type=Path))
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Epochs per fold (default 30).")
+@click.option("--images-per-city", type=click.IntRange(2), default=None, help="Synthetic training images per city.")
+def demo(workdir: Path, epochs: int | None, images_per_city: int | None) -> None:
+    """The whole pipeline on synthetic data: data, folds, CV of 3 architectures, study, ensemble, predict."""
+    from dataclasses import replace
+
+    from geopose_mlops.demo import DemoSettings, run_demo
+
+    settings = DemoSettings()
+    if epochs:
+        settings = replace(settings, epochs=epochs, study_epochs=min(settings.study_epochs, epochs))
+    if images_per_city:
+        settings = replace(settings, images_per_city=images_per_city)
+    summary = run_demo(workdir, settings, say=click.echo)
+    click.echo(f"\n== summary ({summary.seconds / 60:.1f} min)\n")
+    click.echo(summary.table())
+    click.echo(f"\nOpen the runs in the MLflow UI:\n  mlflow ui --backend-store-uri {summary.tracking_uri} --port 5000")
+
+
 if __name__ == "__main__":
     main()
