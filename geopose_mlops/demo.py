@@ -281,11 +281,15 @@ def _fit_and_promote(cv_run_ids: list[str], say: Callable[[str], None]) -> dict:
 
 
 def _predict(model_uri: str, images_dir: Path, out_dir: Path) -> None:
-    """Predict the test images through the registered model (the folder is rewritten each time)."""
+    """Predict the test images through the registered model (the folder is rewritten each time).
+
+    No TTA: the demo's models train without flips and rotations, so they read the angle from the city
+    rather than the picture, and a flipped view's inverted angle would only add noise.
+    """
     import shutil
 
     from geopose_mlops.inference import predict_folder
     from geopose_mlops.registry import load_predictor
 
     shutil.rmtree(out_dir, ignore_errors=True)
-    predict_folder(load_predictor(model_uri), images_dir, out_dir, tta="flip", progress=False)
+    predict_folder(load_predictor(model_uri), images_dir, out_dir, tta="none", progress=False)

@@ -10,10 +10,11 @@ training never depends on (or disturbs) the fluent API's active-run stack; a run
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import os
-import subprocess
 import tempfile
 import time
 import warnings
@@ -40,26 +41,20 @@ CHECKPOINT_DIR, OOF_DIR = "checkpoints", "oof"
 MAX_BATCH = 500  # below the tracking server's per-request limit of 1000 metrics
 
 
+@functools.cache
 def code_version() -> str:
-    """Package version, plus ``+g<commit>`` (and ``.dirty``) when the package sits in a git checkout."""
-    version = geopose_mlops.__version__
+    """Package version plus a digest of the package's Python sources: ``0.1.0+src.1a2b3c4d5e6f``.
+
+    Runs are reused (``geopose-ml demo``) only under the same code version; hashing the sources rather
+    than naming the git commit means a change to docs or tests does not invalidate trained runs, while
+    any change to what trains does. Works the same in a checkout, a wheel or a CI clone.
+    """
     package_dir = Path(geopose_mlops.__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=package_dir, capture_output=True, text=True, timeout=10
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=package_dir,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return version
-    if commit.returncode != 0:
-        return version
-    return f"{version}+g{commit.stdout.strip()}" + (".dirty" if dirty.stdout.strip() else "")
+    digest = hashlib.sha256()
+    for path in sorted(package_dir.rglob("*.py")):
+        digest.update(path.relative_to(package_dir).as_posix().encode())
+        digest.update(path.read_bytes())
+    return f"{geopose_mlops.__version__}+src.{digest.hexdigest()[:12]}"
 
 
 def run_params(config: TrainConfig, data_fingerprint: str) -> dict[str, str]:
