@@ -21,7 +21,7 @@ from geopose_mlops.constants import AGL, CITIES, SCALE, XYDIR
 from geopose_mlops.data import io
 from geopose_mlops.data.augment import invert_geometric, transform_array
 from geopose_mlops.data.layout import Sample, find_samples, read_metadata, split_name
-from geopose_mlops.ensemble.fit import EnsembleSpec, scale_model_features
+from geopose_mlops.ensemble.fit import EnsembleSpec, apply_scale_model
 from geopose_mlops.errors import ConfigError, DataError
 
 TTA_VIEWS = {
@@ -80,7 +80,7 @@ class EnsemblePredictor:
         height = height * factors[:, None, None]
         scale = (v @ scales).numpy().astype(np.float64)
         if self.scale_model is not None:
-            scale = np.clip(self.scale_model.predict(scale_model_features(gsd, scale, cities)), 0.0, None)
+            scale = apply_scale_model(self.scale_model, gsd, scale, cities)
         angle = torch.atan2(u @ torch.sin(angles), u @ torch.cos(angles)).numpy()
         return height, scale, angle
 

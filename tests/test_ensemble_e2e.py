@@ -69,7 +69,15 @@ def test_fit_promote_predict_evaluate(tmp_path, monkeypatch) -> None:
     scores = tmp_path / "scores.json"
     evaluated = runner.invoke(
         main,
-        ["evaluate", "--predictions-dir", str(out), "--truth-dir", str(data / "test_truth"), "--output-json", str(scores)],
+        [
+            "evaluate",
+            "--predictions-dir",
+            str(out),
+            "--truth-dir",
+            str(data / "test_truth"),
+            "--output-json",
+            str(scores),
+        ],
     )
     assert evaluated.exit_code == 0, evaluated.output
     assert math.isfinite(json.loads(scores.read_text())["final_score"])
