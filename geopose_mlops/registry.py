@@ -116,6 +116,7 @@ def fit_tracked_ensemble(
             "oof_score": spec.oof_score,
             "best_member_oof_score": spec.best_member_oof_score,
             "equal_weights_oof_score": spec.equal_weights_oof_score,
+            **{f"{m}_weights_oof_score": v for m, v in spec.method_oof_scores.items()},
             **{f"oof_score_{c}": v for c, v in spec.oof_city_scores.items()},
         }
         params = {
