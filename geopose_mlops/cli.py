@@ -378,12 +378,15 @@ def promote(ensemble_ref: str, name: str, alias: str, force: bool, experiment: s
 @click.option("--images", "images_dir", required=True, type=click.Path(path_type=Path), help="Folder of RGB images.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Submission folder.")
 @click.option("--tta", type=click.Choice(["none", "flip", "d4"]), default="none", show_default=True)
-def predict(model_uri: str, images_dir: Path, out_dir: Path, tta: str) -> None:
+@click.option(
+    "--image-size", type=click.IntRange(32), default=None, help="Side to predict at, px (default: the training side)."
+)
+def predict(model_uri: str, images_dir: Path, out_dir: Path, tta: str, image_size: int | None) -> None:
     """Write a submission folder (SPEC §2) for every image, with optional test-time augmentation."""
     from geopose_mlops.inference import predict_folder
     from geopose_mlops.registry import load_predictor
 
-    done = predict_folder(load_predictor(model_uri), images_dir, out_dir, tta)
+    done = predict_folder(load_predictor(model_uri), images_dir, out_dir, tta, image_size=image_size)
     click.echo(f"wrote {len(done)} prediction(s) to {out_dir}")
 
 

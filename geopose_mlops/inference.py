@@ -21,7 +21,7 @@ from geopose_mlops.constants import AGL, CITIES, SCALE, XYDIR
 from geopose_mlops.data import io
 from geopose_mlops.data.augment import invert_geometric, transform_array
 from geopose_mlops.data.layout import Sample, find_samples, read_metadata, split_name
-from geopose_mlops.ensemble.fit import EnsembleSpec, scale_model_features
+from geopose_mlops.ensemble.fit import EnsembleSpec, apply_scale_model
 from geopose_mlops.errors import ConfigError, DataError
 
 TTA_VIEWS = {
@@ -80,7 +80,7 @@ class EnsemblePredictor:
         height = height * factors[:, None, None]
         scale = (v @ scales).numpy().astype(np.float64)
         if self.scale_model is not None:
-            scale = np.clip(self.scale_model.predict(scale_model_features(gsd, scale, cities)), 0.0, None)
+            scale = apply_scale_model(self.scale_model, gsd, scale, cities)
         angle = torch.atan2(u @ torch.sin(angles), u @ torch.cos(angles)).numpy()
         return height, scale, angle
 
@@ -88,7 +88,7 @@ class EnsemblePredictor:
         """Predict a batch at the ensemble's training resolution.
 
         Args:
-            rgb: uint8 (B, S, S, 3) images at ``spec.image_size``.
+            rgb: uint8 (B, S, S, 3) images, S a multiple of 32 (usually ``spec.image_size``).
             gsd: (B,) m/px at that resolution (NaN where unknown).
             cities: City per image.
             tta: ``none``, ``flip`` or ``d4``.
@@ -142,20 +142,29 @@ def find_images(images_dir: str | Path) -> list[Sample]:
 
 
 def predict_folder(
-    predictor, images_dir: str | Path, out_dir: str | Path, tta: str = "none", progress: bool = True
+    predictor,
+    images_dir: str | Path,
+    out_dir: str | Path,
+    tta: str = "none",
+    progress: bool = True,
+    image_size: int | None = None,
 ) -> list[str]:
     """Write the submission folder: ``{id}_AGL.tif`` (uint16 cm) and ``{id}_VFLOW.json`` per image.
 
     ``predictor`` has ``spec.image_size`` and ``predict(rgb, gsd, cities, tta)`` (an EnsemblePredictor,
     or the pyfunc model's wrapper). Each file is written to a temporary name and renamed, so a killed
     run leaves no file that looks complete; images whose two files exist are skipped on a re-run.
+    Each image is predicted at ``image_size`` (default: the members' training side), then its height
+    map is upsampled to the source size and its scale converted to source pixels per metre.
 
     Returns:
         The ids predicted in this call.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    size = predictor.spec.image_size
+    size = image_size or predictor.spec.image_size
+    if size <= 0 or size % 32:
+        raise ConfigError(f"--image-size must be a positive multiple of 32, got {size}")
     done = []
     for sample in tqdm(find_images(images_dir), desc="predict", disable=not progress, unit="image"):
         agl_path, vflow_path = out_dir / f"{sample.sample_id}_AGL.tif", out_dir / f"{sample.sample_id}_VFLOW.json"

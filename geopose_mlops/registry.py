@@ -28,7 +28,7 @@ from geopose_mlops.constants import (
     REGISTERED_MODEL,
 )
 from geopose_mlops.ensemble.fit import EnsembleSpec, fit_ensemble
-from geopose_mlops.ensemble.stats import MemberOof, collect_statistics
+from geopose_mlops.ensemble.stats import MemberOof, read_image_table
 from geopose_mlops.errors import ConfigError, GeoposeError
 from geopose_mlops.inference import CHECKPOINTS_DIR, EnsemblePredictor
 from geopose_mlops.tracking import FINGERPRINT_PARAM, CvTracker, code_version
@@ -99,10 +99,10 @@ def fit_tracked_ensemble(
             member_folds[run.info.run_id] = {str(f): r.info.run_id for f, r in sorted(folds.items())}
             folders = {f: tracker.download_oof(r.info.run_id, tmp / run.info.run_id / str(f)) for f, r in folds.items()}
             members.append(MemberOof(run.info.run_id, folders))
-        stats = collect_statistics(members)
+        table = read_image_table(members)
         out = tmp / "ensemble"
         out.mkdir()
-        spec = fit_ensemble(stats, method, scale_model_dir=out)
+        spec, _ = fit_ensemble(table, method, scale_model_dir=out)
         spec.member_folds = member_folds
         spec.image_size = int(runs[0].data.params["image_size"])
         spec.save(out / ENSEMBLE_JSON)
@@ -116,6 +116,7 @@ def fit_tracked_ensemble(
             "oof_score": spec.oof_score,
             "best_member_oof_score": spec.best_member_oof_score,
             "equal_weights_oof_score": spec.equal_weights_oof_score,
+            **{f"{m}_weights_oof_score": v for m, v in spec.method_oof_scores.items()},
             **{f"oof_score_{c}": v for c, v in spec.oof_city_scores.items()},
         }
         params = {

@@ -7,7 +7,6 @@ import math
 import re
 
 import mlflow
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -15,10 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from geopose_mlops.cli import main
 from geopose_mlops.config import ModelConfig, TrainConfig
-from geopose_mlops.constants import AGL, SCALE, XYDIR
 from geopose_mlops.data.synth import make_synthetic_dataset
-from geopose_mlops.ensemble.fit import EnsembleSpec
-from geopose_mlops.inference import EnsemblePredictor
 from geopose_mlops.train.cv import run_cross_validation
 
 
@@ -55,12 +51,24 @@ def test_fit_promote_predict_evaluate(tmp_path, monkeypatch) -> None:
     best = ensembles[0]
     assert best.data.metrics["oof_score"] >= best.data.metrics["best_member_oof_score"] - 1e-9
     assert sorted(json.loads(best.data.params["members"])) == sorted(r.run_id for r in runs)
+    assert best.data.params["method"] == "simplex"
+    metrics = best.data.metrics
+    assert {"oof_score_ARG", "oof_score_OMA", "equal_weights_oof_score", "caruana_weights_oof_score"} <= metrics.keys()
+    assert metrics["simplex_weights_oof_score"] >= metrics["equal_weights_oof_score"] - 1e-12
+    artifacts = {a.path for a in client.list_artifacts(best.info.run_id)}
+    assert "ensemble.json" in artifacts
 
     promoted = runner.invoke(main, ["promote", "--ensemble", "best", "--experiment", "e2e"])
     assert promoted.exit_code == 0, promoted.output
     again = runner.invoke(main, ["promote", "--ensemble", best.info.run_id, "--experiment", "e2e"])
     assert again.exit_code == 0 and "existing" in again.output
-    assert len(client.search_model_versions("name = 'geopose-ensemble'")) == 1
+    versions = client.search_model_versions("name = 'geopose-ensemble'")
+    assert len(versions) == 1
+    assert versions[0].tags["geopose.ensemble_run_id"] == best.info.run_id
+    assert float(versions[0].tags["oof_score"]) == pytest.approx(metrics["oof_score"])
+    assert sorted(json.loads(versions[0].tags["members"])) == sorted(r.run_id for r in runs)
+    loaded = mlflow.pyfunc.load_model("models:/geopose-ensemble@champion")
+    assert [i.name for i in loaded.metadata.get_input_schema().inputs] == ["image", "gsd", "city"]
 
     out = tmp_path / "submission"
     predicted = runner.invoke(main, ["predict", "--images", str(data / "test"), "--out", str(out), "--tta", "flip"])
@@ -92,41 +100,3 @@ def test_fit_promote_predict_evaluate(tmp_path, monkeypatch) -> None:
     assert "refusing" in refused.output and "oof_score" in refused.output
     champion = client.get_model_version_by_alias("geopose-ensemble", "champion")
     assert champion.tags["geopose.ensemble_run_id"] == best.info.run_id
-
-
-class _Equivariant(torch.nn.Module):
-    """Height = 10 x red channel; direction = from the image centre to the brightest red pixel."""
-
-    def forward(self, image, gsd, city):
-        red = image[:, 0]
-        b, h, w = red.shape
-        flat = red.reshape(b, -1).argmax(1)
-        rows, cols = (flat // w).float(), (flat % w).float()
-        dx, dy = cols - (w - 1) / 2, rows - (h - 1) / 2
-        norm = torch.sqrt(dx**2 + dy**2)
-        return {AGL: 10 * red, XYDIR: torch.stack([dx / norm, dy / norm], 1), SCALE: torch.full((b,), 2.0)}
-
-
-def _fake_predictor() -> EnsemblePredictor:
-    predictor = EnsemblePredictor.__new__(EnsemblePredictor)
-    predictor.spec = EnsembleSpec(["m"], "equal", [1.0], [1.0], [1.0], image_size=8)
-    predictor.device = torch.device("cpu")
-    predictor.members = [[_Equivariant()]]
-    predictor.scale_model = None
-    return predictor
-
-
-def test_tta_undoes_each_view_on_heights_and_angles() -> None:
-    rng = np.random.default_rng(0)
-    rgb = rng.integers(0, 200, (1, 8, 8, 3), dtype=np.uint8)
-    rgb[0, 1, 6, 0] = 255  # the brightest red pixel: up and to the right of the centre
-    predictor = _fake_predictor()
-    plain = predictor.predict(rgb, np.array([0.5]), ["JAX"], "none")
-    for tta in ("flip", "d4"):
-        out = predictor.predict(rgb, np.array([0.5]), ["JAX"], tta)
-        np.testing.assert_allclose(out["agl"], plain["agl"], atol=1e-5)
-        assert out["angle"][0] == pytest.approx(plain["angle"][0], abs=1e-6)
-    # A horizontally flipped image gives the flipped height map and the angle -a (SPEC §1).
-    flipped = predictor.predict(np.ascontiguousarray(rgb[:, :, ::-1]), np.array([0.5]), ["JAX"], "flip")
-    np.testing.assert_allclose(flipped["agl"][0], plain["agl"][0][:, ::-1], atol=1e-5)
-    assert flipped["angle"][0] == pytest.approx(-plain["angle"][0], abs=1e-6)

@@ -1,35 +1,49 @@
-"""Fit ensemble weights, city height factors and a scale model on out-of-fold statistics.
+"""Fit an ensemble on out-of-fold statistics: weights, city height factors, a scale model; honest scores.
 
-Everything maximises the competition score itself (``stats.ensemble_score``), not a pooled MSE:
+Order of the fit (``fit_ensemble``):
 
-- ``simplex``: height, scale and angle weights, each non-negative and summing to 1, by SLSQP, in two
-  rounds of coordinate ascent (heights given scale and angle, then scale, then angle);
-- ``caruana``: greedy forward selection with replacement (Caruana et al. 2004, as AutoGluon does), the
-  same weights for every target;
-- ``equal``: 1/K each.
+1. per method (simplex, caruana, equal), scale and angle weights on the per-image table
+   (``weights.fit_scale_weights``/``fit_angle_weights``: the VFLOW score with true heights; an
+   approximation, since the flow score is not separable in them, see ``stats``);
+2. an XGBoost model of the log ratio true / ensemble scale from gsd, city and the chosen method's
+   scale, predicted for each image by a
+   model fitted on the other folds;
+3. one streamed pass over the pixels (``stats.accumulate_statistics``) for every scale/angle variant;
+4. per method, height weights maximising the exact competition score (SLSQP on the simplex, Caruana's
+   greedy selection with replacement, or equal);
+5. per-city height factors (closed form), kept for a city only where factors fitted on the other folds
+   raise that city's score on the held-out fold; then the scale model, kept only if its nested
+   predictions raise the score.
 
-Then per-city height factors (closed form: the score is a ratio of quadratics in one factor) are kept
-only for cities where they improve the score under a nested fold check (each image scored with factors
-fitted on the other folds), and an XGBoost model of scale from gsd, city and the ensemble's scale is kept
-only if its nested out-of-fold predictions improve the score. OOF weights are fitted on single-fold
-predictions, while at test time each member is the mean of its fold models (usually a little better).
+The reported ``oof_score`` uses the in-sample height weights (K - 1 free numbers over every pixel) and
+the factors and scale model as fitted without each image's own fold. OOF weights are fitted on
+single-fold predictions, while at test time each member is the mean of its fold models.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import minimize
 
 from geopose_mlops.constants import CITIES, R2_EPS
-from geopose_mlops.ensemble.stats import OofStatistics, circular_mean, ensemble_score
+from geopose_mlops.ensemble.stats import (
+    ImageTable,
+    MemberOof,
+    PixelStatistics,
+    accumulate_statistics,
+    circular_mean,
+    ensemble_score,
+    read_image_table,
+)
+from geopose_mlops.ensemble.weights import METHODS, fit_angle_weights, fit_scale_weights, fit_weights
 from geopose_mlops.errors import ConfigError
 
-METHODS = ("simplex", "caruana", "equal")
 SCALE_MODEL_FILE = "scale_model.json"
+SCALE_MODEL_VARIANT = "scale_model"
 
 
 @dataclass
@@ -46,6 +60,7 @@ class EnsembleSpec:
         oof_city_scores: Its score per city.
         equal_weights_oof_score: The score of equal weights, for comparison.
         member_oof_scores: Each member's own out-of-fold score.
+        method_oof_scores: Each method's weights alone (no factors, no scale model).
         member_folds: Per member, ``{fold: fold run id}`` (filled in by the caller).
         image_size: Training side of the members, px (filled in by the caller).
     """
@@ -61,6 +76,7 @@ class EnsembleSpec:
     oof_city_scores: dict[str, float] = field(default_factory=dict)
     equal_weights_oof_score: float = float("nan")
     member_oof_scores: dict[str, float] = field(default_factory=dict)
+    method_oof_scores: dict[str, float] = field(default_factory=dict)
     member_folds: dict[str, dict[str, str]] = field(default_factory=dict)
     image_size: int = 0
 
@@ -75,189 +91,176 @@ class EnsembleSpec:
 
     @classmethod
     def load(cls, path: str | Path) -> EnsembleSpec:
-        """Read ``ensemble.json``."""
-        return cls(**json.loads(Path(path).read_text()))
+        """Read ``ensemble.json``.
+
+        Raises:
+            ConfigError: The file is not an ensemble spec (unknown or missing keys are named).
+        """
+        data = json.loads(Path(path).read_text())
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"{path}: unknown ensemble.json keys {sorted(unknown)}")
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise ConfigError(f"{path}: not a complete ensemble.json ({err})") from err
 
 
-def _score(stats: OofStatistics, w: np.ndarray, v: np.ndarray, u: np.ndarray, **factors: object) -> float:
-    return ensemble_score(stats, w, stats.scale_pred @ v, circular_mean(stats.angle_pred, u), **factors)["final_score"]
+def fit_city_factors(
+    stats: PixelStatistics, variant: str, w: np.ndarray, groups: np.ndarray | None = None
+) -> dict[str, float]:
+    """Per-city height factor maximising the city's score over ``groups``, in closed form.
 
-
-def _simplex_argmax(objective, start: np.ndarray) -> np.ndarray:
-    """Maximise ``objective(w)`` over the probability simplex (SLSQP), never returning worse than start."""
-    result = minimize(
-        lambda w: -objective(w),
-        start,
-        method="SLSQP",
-        bounds=[(0.0, 1.0)] * len(start),
-        constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0}],
-        options={"maxiter": 200, "ftol": 1e-12},
-    )
-    w = np.clip(result.x, 0.0, None)
-    w = w / w.sum() if w.sum() > 0 else start
-    return w if objective(w) >= objective(start) else start
-
-
-def fit_simplex_weights(stats: OofStatistics, rounds: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Height, scale and angle weights on the simplex that maximise the OOF score (coordinate ascent)."""
-    k = len(stats.members)
-    # Start from the better of equal weights and the best single member, so the fit never loses to either.
-    starts = [np.full(k, 1.0 / k), *np.eye(k)]
-    w = v = u = max(starts, key=lambda x: _score(stats, x, x, x))
-    for _ in range(rounds):
-        w = _simplex_argmax(lambda x, v=v, u=u: _score(stats, x, v, u), w)
-        v = _simplex_argmax(lambda x, w=w, u=u: _score(stats, w, x, u), v)
-        u = _simplex_argmax(lambda x, w=w, v=v: _score(stats, w, v, x), u)
-    return w, v, u
-
-
-def fit_caruana_weights(stats: OofStatistics, rounds: int = 20) -> np.ndarray:
-    """Greedy forward selection with replacement: each round adds the member that most raises the score.
-
-    Returns:
-        (K,) weights = how often each member was picked / rounds (used for every target).
-    """
-    k = len(stats.members)
-    counts = np.zeros(k)
-    for _ in range(rounds):
-        trial_scores = []
-        for m in range(k):
-            trial = counts.copy()
-            trial[m] += 1
-            w = trial / trial.sum()
-            trial_scores.append(_score(stats, w, w, w))
-        counts[int(np.argmax(trial_scores))] += 1
-    return counts / counts.sum()
-
-
-def fit_city_factors(stats: OofStatistics, w: np.ndarray, scale: np.ndarray, angle: np.ndarray) -> dict[str, float]:
-    """Per-city height factor maximising the city's score, in closed form.
-
-    For a city, both SSEs are ``f^2 A - 2 f B + C`` in the factor f, so the score
+    For a city, both SSEs are ``f^2 A - 2 f B + C`` in the factor f and the totals do not depend on f, so
     ``1 - (SSE_agl / SST_agl + SSE_flow / SST_flow) / 2`` peaks at
     ``f = (B / SST_agl + B' / SST_flow) / (A / SST_agl + A' / SST_flow)``.
     """
-    quad = np.einsum("k,nkl,l->n", w, stats.gram, w)
-    lin = stats.cross @ w
-    st, at = stats.scale_true, stats.angle_true
+    j = stats.variants.index(variant)
+    chosen = np.ones(len(stats.groups), bool) if groups is None else np.asarray(groups, bool)
+    cities = stats.group_cities
     factors = {}
     for city in CITIES:
-        mask = stats.cities == city
+        mask = chosen & (cities == city)
         n = stats.n[mask].sum()
-        if not mask.any() or n == 0:
+        if n == 0:
             continue
         sst_agl = stats.sum_y2[mask].sum() - stats.sum_y[mask].sum() ** 2 / n + R2_EPS
-        flow_sum = (stats.sum_y * st * (np.sin(at) + np.cos(at)))[mask].sum()
-        sst_flow = (stats.sum_y2 * st**2)[mask].sum() - flow_sum**2 / (2 * n) + R2_EPS
-        a, b = quad[mask].sum(), lin[mask].sum()
-        a_flow = (scale**2 * quad)[mask].sum()
-        b_flow = (scale * st * np.cos(angle - at) * lin)[mask].sum()
+        sst_flow = stats.flow_sq[mask].sum() - stats.flow_sum[mask].sum() ** 2 / (2 * n) + R2_EPS
+        a = np.einsum("k,gkl,l->", w, stats.gram[mask], w)
+        a_flow = np.einsum("k,gkl,l->", w, stats.flow_gram[j][mask], w)
+        b, b_flow = (stats.cross[mask] @ w).sum(), (stats.flow_cross[j][mask] @ w).sum()
         denominator = a / sst_agl + a_flow / sst_flow
         if denominator > 0:
             factors[city] = float((b / sst_agl + b_flow / sst_flow) / denominator)
     return factors
 
 
-def nested_city_factors(
-    stats: OofStatistics, w: np.ndarray, scale: np.ndarray, angle: np.ndarray
-) -> tuple[dict[str, float], np.ndarray]:
-    """Each image's city factor fitted without its own fold, and per city the score change it brings.
+def nested_city_factors(stats: PixelStatistics, variant: str, w: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+    """Each group's city factor fitted on the other folds, and per city the score change it brings.
 
     Returns:
-        (``{city: nested score - plain score}`` (> 0: the factor helps), (N,) per-image factors).
+        ``({city: nested score - score without factors}, (G,) factors)``; ``({}, ones)`` with one fold.
     """
-    image_factors = np.ones(len(stats))
-    folds = np.unique(stats.folds)
-    if len(folds) < 2:
-        return {}, image_factors
-    for fold in folds:
-        held_out = stats.folds == fold
-        rest = ~held_out
-        fitted = fit_city_factors(stats.subset(rest), w, scale[rest], angle[rest])
-        image_factors[held_out] = [fitted.get(c, 1.0) for c in stats.cities[held_out]]
-    plain = ensemble_score(stats, w, scale, angle)["cities"]
-    nested = ensemble_score(stats, w, scale, angle, image_factors=image_factors)["cities"]
-    return {city: nested[city]["score"] - plain[city]["score"] for city in plain}, image_factors
+    folds = stats.group_folds
+    factors = np.ones(len(stats.groups))
+    if len(np.unique(folds)) < 2:
+        return {}, factors
+    cities = stats.group_cities
+    for fold in np.unique(folds):
+        fitted = fit_city_factors(stats, variant, w, groups=folds != fold)
+        held_out = folds == fold
+        factors[held_out] = [fitted.get(c, 1.0) for c in cities[held_out]]
+    plain = ensemble_score(stats, variant, w)["cities"]
+    nested = ensemble_score(stats, variant, w, factors)["cities"]
+    return {city: nested[city]["score"] - plain[city]["score"] for city in plain}, factors
 
 
-def _scale_features(stats: OofStatistics, ensemble_scale: np.ndarray) -> np.ndarray:
-    one_hot = np.array([[c == city for city in CITIES] for c in stats.cities], dtype=np.float64)
-    return np.column_stack([stats.gsd, ensemble_scale, one_hot])
-
-
-def scale_model_features(gsd: np.ndarray, ensemble_scale: np.ndarray, cities: list[str]) -> np.ndarray:
-    """Features of the scale model at prediction time: gsd (m/px), ensemble scale (px/m), city one-hot."""
-    one_hot = np.array([[c == city for city in CITIES] for c in cities], dtype=np.float64)
+def scale_model_features(gsd: np.ndarray, ensemble_scale: np.ndarray, cities: Sequence[str]) -> np.ndarray:
+    """Features of the scale model: gsd (m/px, NaN allowed), ensemble scale (px/m), city one-hot."""
+    one_hot = np.array([[c == city for city in CITIES] for c in cities], dtype=np.float64).reshape(-1, len(CITIES))
     return np.column_stack([np.asarray(gsd, np.float64), np.asarray(ensemble_scale, np.float64), one_hot])
 
 
 def _xgb(seed: int = 0):
     from xgboost import XGBRegressor
 
-    return XGBRegressor(n_estimators=200, max_depth=3, learning_rate=0.05, subsample=0.9, random_state=seed)
+    return XGBRegressor(n_estimators=200, max_depth=3, learning_rate=0.05, subsample=0.9, random_state=seed, n_jobs=1)
 
 
-def nested_scale_model_predictions(stats: OofStatistics, ensemble_scale: np.ndarray) -> np.ndarray | None:
-    """Scale per image from XGBoost models fitted on the other folds (None with fewer than 2 folds)."""
-    folds = np.unique(stats.folds)
+def fit_scale_model(gsd: np.ndarray, ensemble_scale: np.ndarray, cities: Sequence[str], scale_true: np.ndarray):
+    """An XGBoost model of the log ratio true / ensemble scale from ``scale_model_features``.
+
+    A multiplicative correction learns a per-city or gsd-dependent bias from few images, and predicts
+    about no change where there is none.
+    """
+    features = scale_model_features(gsd, ensemble_scale, cities)
+    ratio = np.log(np.asarray(scale_true, np.float64) / np.clip(ensemble_scale, 1e-6, None))
+    return _xgb().fit(features, ratio)
+
+
+def apply_scale_model(model, gsd: np.ndarray, ensemble_scale: np.ndarray, cities: Sequence[str]) -> np.ndarray:
+    """The scale model's corrected scale, px/m: ``ensemble_scale * exp(model(features))``."""
+    correction = model.predict(scale_model_features(gsd, ensemble_scale, cities))
+    return np.asarray(ensemble_scale, np.float64) * np.exp(correction.astype(np.float64))
+
+
+def nested_scale_model_predictions(table: ImageTable, ensemble_scale: np.ndarray) -> np.ndarray | None:
+    """Scale per image (px/m) from scale models fitted on the other folds (None with one fold)."""
+    folds = np.unique(table.folds)
     if len(folds) < 2:
         return None
-    features = _scale_features(stats, ensemble_scale)
-    predicted = np.empty(len(stats))
+    cities = np.asarray(table.cities)
+    predicted = np.empty(len(table))
     for fold in folds:
-        held_out = stats.folds == fold
-        model = _xgb().fit(features[~held_out], stats.scale_true[~held_out])
-        predicted[held_out] = model.predict(features[held_out])
-    return np.clip(predicted, 0.0, None)
+        train, held_out = table.folds != fold, table.folds == fold
+        model = fit_scale_model(table.gsd[train], ensemble_scale[train], list(cities[train]), table.scale_true[train])
+        predicted[held_out] = apply_scale_model(
+            model, table.gsd[held_out], ensemble_scale[held_out], list(cities[held_out])
+        )
+    return predicted
+
+
+def _height_objective(stats: PixelStatistics, variant: str):
+    return lambda w: ensemble_score(stats, variant, w)["final_score"]
 
 
 def fit_ensemble(
-    stats: OofStatistics, method: str = "simplex", scale_model_dir: str | Path | None = None
-) -> EnsembleSpec:
-    """Fit the whole ensemble on OOF statistics and score every choice honestly.
+    table: ImageTable, method: str = "simplex", scale_model_dir: str | Path | None = None
+) -> tuple[EnsembleSpec, PixelStatistics]:
+    """Fit the whole ensemble on the members' OOF files and score every choice honestly.
 
     Args:
-        stats: The members' statistics.
-        method: ``simplex``, ``caruana`` or ``equal``.
+        table: The aligned members (``stats.read_image_table``).
+        method: ``simplex``, ``caruana`` or ``equal``; the other two are fitted too, for comparison.
         scale_model_dir: Where to save the XGBoost scale model if it is kept (None: never fit one).
+
+    Returns:
+        (the spec, the pixel statistics it was fitted on).
 
     Raises:
         ConfigError: Unknown method.
     """
     if method not in METHODS:
         raise ConfigError(f"--method must be one of {METHODS}, got {method!r}")
-    k = len(stats.members)
-    equal = np.full(k, 1.0 / k)
-    member_scores = {}
-    for m, name in enumerate(stats.members):
-        one = np.eye(k)[m]
-        member_scores[name] = _score(stats, one, one, one)
-    if method == "simplex":
-        w, v, u = fit_simplex_weights(stats)
-    elif method == "caruana":
-        w = v = u = fit_caruana_weights(stats)
-    else:
-        w = v = u = equal
-    scale, angle = stats.scale_pred @ v, circular_mean(stats.angle_pred, u)
-    gains, nested_factors = nested_city_factors(stats, w, scale, angle)
-    all_factors = fit_city_factors(stats, w, scale, angle)
-    factors = {city: all_factors[city] for city, gain in gains.items() if gain > 0 and city in all_factors}
-    # The honest per-image factors: fitted without the image's fold, for the cities that keep one.
-    honest = np.where([c in factors for c in stats.cities], nested_factors, 1.0)
-    scale_model, honest_scale = None, scale
+    k = len(table.members)
+    scale_angle = {}
+    for name in METHODS:
+        v, u = fit_scale_weights(table, name), fit_angle_weights(table, name)
+        scale_angle[name] = (v, u)
+    variants = {
+        name: (table.scale_pred @ v, circular_mean(table.angle_pred, u)) for name, (v, u) in scale_angle.items()
+    }
+    variants |= {f"member:{m}": (table.scale_pred[:, i], table.angle_pred[:, i]) for i, m in enumerate(table.members)}
+    nested_scale = None
     if scale_model_dir is not None:
-        nested = nested_scale_model_predictions(stats, scale)
-        if nested is not None:
-            with_model = ensemble_score(stats, w, nested, angle, image_factors=honest)["final_score"]
-            without = ensemble_score(stats, w, scale, angle, image_factors=honest)["final_score"]
-            if with_model > without:
-                model = _xgb().fit(_scale_features(stats, scale), stats.scale_true)
-                model.save_model(str(Path(scale_model_dir) / SCALE_MODEL_FILE))
-                scale_model, honest_scale = SCALE_MODEL_FILE, nested
-    # Factors and scale model enter the reported score only as fitted without each image's own fold.
-    final = ensemble_score(stats, w, honest_scale, angle, image_factors=honest)
-    return EnsembleSpec(
-        members=list(stats.members),
+        nested_scale = nested_scale_model_predictions(table, variants[method][0])
+        if nested_scale is not None:
+            variants[SCALE_MODEL_VARIANT] = (nested_scale, variants[method][1])
+    stats = accumulate_statistics(table, variants)
+
+    heights = {name: fit_weights(_height_objective(stats, name), k, name) for name in METHODS}
+    method_scores = {name: ensemble_score(stats, name, heights[name])["final_score"] for name in METHODS}
+    member_scores = {
+        m: ensemble_score(stats, f"member:{m}", np.eye(k)[i])["final_score"] for i, m in enumerate(table.members)
+    }
+    w = heights[method]
+    gains, nested = nested_city_factors(stats, method, w)
+    kept = {city for city, gain in gains.items() if gain > 0}
+    all_factors = fit_city_factors(stats, method, w)
+    factors = {city: all_factors[city] for city in sorted(kept) if city in all_factors}
+    # Honest per-group factors: fitted without the group's fold, for the cities that keep one.
+    honest = np.where([c in factors for c in stats.group_cities], nested, 1.0)
+    scored_variant, scale_model = method, None
+    if nested_scale is not None:
+        with_model = ensemble_score(stats, SCALE_MODEL_VARIANT, w, honest)["final_score"]
+        if with_model > ensemble_score(stats, method, w, honest)["final_score"]:
+            model = fit_scale_model(table.gsd, variants[method][0], list(table.cities), table.scale_true)
+            model.save_model(str(Path(scale_model_dir) / SCALE_MODEL_FILE))
+            scored_variant, scale_model = SCALE_MODEL_VARIANT, SCALE_MODEL_FILE
+    final = ensemble_score(stats, scored_variant, w, honest)
+    v, u = scale_angle[method]
+    spec = EnsembleSpec(
+        members=list(table.members),
         method=method,
         height_weights=w.tolist(),
         scale_weights=v.tolist(),
@@ -265,7 +268,20 @@ def fit_ensemble(
         city_height_factors=factors,
         scale_model=scale_model,
         oof_score=final["final_score"],
-        oof_city_scores={c: v["score"] for c, v in final["cities"].items()},
-        equal_weights_oof_score=_score(stats, equal, equal, equal),
+        oof_city_scores={c: s["score"] for c, s in final["cities"].items()},
+        equal_weights_oof_score=method_scores["equal"],
         member_oof_scores=member_scores,
+        method_oof_scores=method_scores,
     )
+    return spec, stats
+
+
+def fit_from_oof_folders(
+    folders: Sequence[str | Path], method: str = "simplex", scale_model_dir: str | Path | None = None
+) -> EnsembleSpec:
+    """Fit an ensemble of one ``oof/`` folder per member (members named ``member0``, ``member1``, ...).
+
+    Each folder is taken as one fold, so no nested check can keep city factors or a scale model.
+    """
+    members = [MemberOof(f"member{i}", {0: Path(folder)}) for i, folder in enumerate(folders)]
+    return fit_ensemble(read_image_table(members), method, scale_model_dir)[0]
