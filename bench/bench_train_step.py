@@ -6,7 +6,7 @@ the same loss (``mse``, the baseline's) on the same batches from the same DataLo
 - **reference** (pubgeo/monocular-geocentric-pose's PyTorch training): the model in fp32 with
   contiguous NCHW tensors, ``torch.optim.Adam``, per step zero_grad, forward, loss, backward, step,
   and ``loss.item()`` for the running log (smp's ``TrainEpoch`` reads the loss every batch).
-- **ours**: ``train.loop.train_one_epoch`` as training runs it: channels_last model and images,
+- **ours**: ``train.loop.train_one_epoch`` as training runs it: ``loop.memory_format`` (channels_last on CUDA),
   ``make_precision(amp=True)`` (bf16 autocast on CUDA where supported, fp16 + GradScaler otherwise;
   plain fp32 on CPU), ``build_optimizer`` (AdamW, fused kernel on CUDA), gradient clipping, the
   learning-rate schedule and the non-finite-loss check.
@@ -142,7 +142,7 @@ def run(args: list[str] | None = None) -> list[dict]:
     reference_model = build_model(config).to(device)
     our_model = build_model(config)
     our_model.load_state_dict(reference_model.state_dict())
-    our_model = our_model.to(device, memory_format=torch.channels_last)
+    our_model = our_model.to(device, memory_format=loop.memory_format(device))
     loss_fn = build_loss("mse")
     loader = DataLoader(synthetic_samples(batch_size * steps, size), batch_size=batch_size, collate_fn=default_collate)
     reference_optimizer = torch.optim.Adam(reference_model.parameters(), lr=LR)

@@ -208,7 +208,7 @@ def train_fold(
             f"x {context.world_size} processes"
         )
     seed_everything(config.seed * 1000 + fold)
-    model = build_model(config.model).to(device, memory_format=torch.channels_last)
+    model = build_model(config.model).to(device, memory_format=loop.memory_format(device))
     precision = loop.make_precision(device, config.amp)
     optimizer = loop.build_optimizer(model, config.lr, config.weight_decay)
     loss_fn = build_loss(config.loss)
