@@ -30,7 +30,7 @@ def test_fit_promote_predict_evaluate(tmp_path, monkeypatch) -> None:
     for decoder in ("Unet", "FPN"):
         config = TrainConfig(
             data_dir=str(data),
-            model=ModelConfig(encoder="tu-mobilenetv3_small_050", decoder=decoder),
+            model=ModelConfig(encoder="resnet18", decoder=decoder, encoder_weights="none"),
             epochs=1,
             lr=3e-3,
             batch_size=4,
@@ -74,6 +74,8 @@ def test_fit_promote_predict_evaluate(tmp_path, monkeypatch) -> None:
     predicted = runner.invoke(main, ["predict", "--images", str(data / "test"), "--out", str(out), "--tta", "flip"])
     assert predicted.exit_code == 0, predicted.output
     assert len(list(out.glob("*_AGL.tif"))) == 4 and len(list(out.glob("*_VFLOW.json"))) == 4
+    rerun = runner.invoke(main, ["predict", "--images", str(data / "test"), "--out", str(out)])
+    assert rerun.exit_code == 0 and "skipped 4 image(s)" in rerun.output and "wrote 0" in rerun.output
     scores = tmp_path / "scores.json"
     evaluated = runner.invoke(
         main,
@@ -89,6 +91,11 @@ def test_fit_promote_predict_evaluate(tmp_path, monkeypatch) -> None:
     )
     assert evaluated.exit_code == 0, evaluated.output
     assert math.isfinite(json.loads(scores.read_text())["final_score"])
+
+    # A cv run is not an ensemble: refused as a bad argument, nothing registered.
+    not_ensemble = runner.invoke(main, ["promote", "--ensemble", runs[0].run_id, "--experiment", "e2e"])
+    assert not_ensemble.exit_code == 2 and "not an ensemble run" in not_ensemble.output
+    assert len(client.search_model_versions("name = 'geopose-ensemble'")) == 1
 
     # An ensemble of the weaker member alone scores below the champion: its promotion is refused.
     weaker = min(runs, key=lambda r: r.cv_score)

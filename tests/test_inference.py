@@ -74,5 +74,10 @@ def test_flipped_image_file_gives_the_flipped_submission_with_tta_flip(tmp_path)
     assert angle_b == pytest.approx(-angle_a, abs=1e-6)
     assert scale_a == scale_b == pytest.approx(2.0)  # px/m; 32 px predicted at 32 px: no rescaling
     assert json.loads((out / "JAX_a_VFLOW.json").read_text())["scale"] == pytest.approx(0.02)  # px/cm on disk
-    # A re-run finds both images complete and writes nothing.
-    assert predict_folder(predictor, images, out, "flip", progress=False, image_size=32) == []
+    # A re-run finds both images complete, writes nothing, and says so.
+    said = []
+    assert predict_folder(predictor, images, out, "flip", progress=False, image_size=32, say=said.append) == []
+    assert said == [f"skipped 2 image(s) whose _AGL.tif and _VFLOW.json already exist in {out}"]
+    # An image with only one of its two files is predicted again.
+    (out / "JAX_b_VFLOW.json").unlink()
+    assert predict_folder(predictor, images, out, "flip", progress=False, image_size=32) == ["JAX_b"]
