@@ -79,7 +79,9 @@ class EnsemblePredictor:
         height = torch.einsum("k,kbhw->bhw", w, heights).clamp_min(0).numpy()
         factors = np.array([self.spec.city_height_factors.get(c, 1.0) for c in cities], dtype=np.float32)
         height = height * factors[:, None, None]
-        scale = (v @ scales).numpy().astype(np.float64)
+        # A member's scale is a least-squares slope (models/heads.py) and can come out negative: a scale
+        # is >= 0 px/m, and the fit clips it the same way (``ensemble.fit.ensemble_scale``).
+        scale = np.clip((v @ scales).numpy().astype(np.float64), 0, None)
         if self.scale_model is not None:
             scale = apply_scale_model(self.scale_model, gsd, scale, cities)
         angle = torch.atan2(u @ torch.sin(angles), u @ torch.cos(angles)).numpy()

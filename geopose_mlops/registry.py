@@ -135,6 +135,7 @@ def fit_tracked_ensemble(
             "n_members": str(len(spec.members)),
             "city_height_factors": json.dumps(spec.city_height_factors),
             "scale_model": str(spec.scale_model is not None),
+            "scale_angle_weights_from": spec.scale_angle_weights_from,
         }
         client.log_batch(
             run_id,

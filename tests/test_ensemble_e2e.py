@@ -55,6 +55,7 @@ def test_fit_promote_predict_evaluate(tmp_path, monkeypatch) -> None:
     metrics = best.data.metrics
     assert {"oof_score_ARG", "oof_score_OMA", "equal_weights_oof_score", "caruana_weights_oof_score"} <= metrics.keys()
     assert metrics["simplex_weights_oof_score"] >= metrics["equal_weights_oof_score"] - 1e-12
+    assert metrics["simplex_weights_oof_score"] >= metrics["best_member_oof_score"] - 1e-12
     artifacts = {a.path for a in client.list_artifacts(best.info.run_id)}
     assert "ensemble.json" in artifacts
 

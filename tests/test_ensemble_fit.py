@@ -36,12 +36,13 @@ def write_members(
     height_gain=None,
     scale_gain=None,
     fold_height_gain=None,
+    member_scale_gain=None,
 ):
     """Members = truth + planted noise; one OOF folder per member and fold (``OofPredictions.save``).
 
     Heights get N(0, sigma^2) m noise; scales are multiplied by 1 + N(0, tau^2); angles get N(0, kappa^2) rad;
     ``height_gain``/``scale_gain`` multiply every member's heights/scales per city (a shared bias);
-    ``fold_height_gain`` multiplies heights per ``(city, fold)``.
+    ``fold_height_gain`` multiplies heights per ``(city, fold)``; ``member_scale_gain`` each member's scales.
     """
     rng = np.random.default_rng(seed)
     cities = [c for c in CITIES for _ in range(n_per_city)]
@@ -59,6 +60,7 @@ def write_members(
     for m, sigma in enumerate(height_sigmas):
         pred = (np.nan_to_num(agl) + rng.normal(0, sigma, agl.shape)) * height_bias[:, None, None]
         scale_pred = scale * scale_bias * (1 + rng.normal(0, scale_taus[m] if scale_taus is not None else 0.0, n))
+        scale_pred *= member_scale_gain[m] if member_scale_gain is not None else 1.0
         angle_pred = angle + rng.normal(0, angle_kappas[m] if angle_kappas is not None else 0.0, n)
         folders = {}
         for fold in range(k):
@@ -136,6 +138,21 @@ def test_caruana_picks_with_replacement_toward_the_best_mix() -> None:
     target = np.array([0.75, 0.25, 0.0])
     weights = caruana_weights(lambda w: -np.square(w - target).sum(), 3, rounds=4)
     np.testing.assert_allclose(weights, target)
+
+
+def test_scale_weights_chosen_on_the_exact_score_when_the_proxy_misleads(tmp_path) -> None:
+    # Every member's heights are half the truth; member0's scales are doubled, which puts its VFLOW
+    # right. The scale fit with true heights prefers member1's exact scales; the exact score does not.
+    everywhere = dict.fromkeys(CITIES, 0.5)
+    members = write_members(tmp_path, [0.5, 0.5], height_gain=everywhere, member_scale_gain=[2.0, 1.0])
+    spec, stats = fit_ensemble(read_image_table(members), "simplex")
+    proxy_v = fit_scale_weights(read_image_table(members), "simplex")
+    assert proxy_v[1] > 0.99  # the proxy picks member1's scales
+    assert spec.scale_angle_weights_from == "member:member0" and spec.scale_weights == [1.0, 0.0]
+    proxy_score = ensemble_score(stats, "simplex", np.array(spec.height_weights))["final_score"]
+    assert spec.method_oof_scores["simplex"] > proxy_score + 0.05
+    assert spec.method_oof_scores["simplex"] >= max(spec.member_oof_scores.values())
+    assert spec.method_oof_scores["simplex"] >= spec.equal_weights_oof_score
 
 
 def test_weighted_circular_mean_handles_the_wrap() -> None:
