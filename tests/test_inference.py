@@ -81,3 +81,22 @@ def test_flipped_image_file_gives_the_flipped_submission_with_tta_flip(tmp_path)
     # An image with only one of its two files is predicted again.
     (out / "JAX_b_VFLOW.json").unlink()
     assert predict_folder(predictor, images, out, "flip", progress=False, image_size=32) == ["JAX_b"]
+
+
+class _NegativeScale(_Equivariant):
+    """An undertrained member: its least-squares scale slope comes out negative."""
+
+    def forward(self, image, gsd, city):
+        out = super().forward(image, gsd, city)
+        return out | {SCALE: torch.full_like(out[SCALE], -0.3)}
+
+
+def test_negative_member_scale_is_written_as_zero_and_reads_back(tmp_path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    io.write_rgb(images / "OMA_a_RGB.tif", np.full((32, 32, 3), 90, np.uint8))
+    predictor = _fake_predictor()
+    predictor.members = [[_NegativeScale()]]
+    predict_folder(predictor, images, tmp_path / "out", "none", progress=False, image_size=32)
+    scale, _ = io.read_vflow(tmp_path / "out" / "OMA_a_VFLOW.json")  # io rejects a negative scale
+    assert scale == 0.0
