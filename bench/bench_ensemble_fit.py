@@ -86,11 +86,9 @@ def reference_fit(folders: list[Path]) -> np.ndarray:
 
 def our_fit(folders: list[Path]):
     """Fit the ensemble with the project's streamed path (``geopose_mlops.ensemble``)."""
-    from geopose_mlops.ensemble.fit import fit_ensemble
-    from geopose_mlops.ensemble.stats import MemberOof, collect_statistics
+    from geopose_mlops.ensemble.fit import fit_from_oof_folders
 
-    members = [MemberOof(f"member{i}", {0: folder}) for i, folder in enumerate(folders)]
-    return fit_ensemble(collect_statistics(members), "simplex")
+    return fit_from_oof_folders(folders, "simplex")
 
 
 def peak_mb(fn) -> float:
