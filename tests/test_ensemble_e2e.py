@@ -103,8 +103,13 @@ def test_fit_promote_predict_evaluate(tmp_path, monkeypatch) -> None:
     worse = runner.invoke(main, ["ensemble", "fit", "--experiment", "e2e", "--run-ids", weaker.run_id])
     assert worse.exit_code == 0, worse.output
     worse_id = re.search(r"ensemble run (\w+):", worse.output).group(1)
+    worse_score = client.get_run(worse_id).data.metrics["oof_score"]
+    assert worse_score < metrics["oof_score"]
     refused = runner.invoke(main, ["promote", "--ensemble", worse_id, "--experiment", "e2e"])
     assert refused.exit_code == 1
     assert "refusing" in refused.output and "oof_score" in refused.output
-    champion = client.get_model_version_by_alias("geopose-ensemble", "champion")
-    assert champion.tags["geopose.ensemble_run_id"] == best.info.run_id
+    assert f"{worse_score:.6f}" in refused.output and f"{metrics['oof_score']:.6f}" in refused.output
+    # --force moves the alias to the worse version all the same.
+    forced = runner.invoke(main, ["promote", "--ensemble", worse_id, "--experiment", "e2e", "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert client.get_model_version_by_alias("geopose-ensemble", "champion").tags["geopose.ensemble_run_id"] == worse_id
