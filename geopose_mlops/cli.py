@@ -386,7 +386,7 @@ def predict(model_uri: str, images_dir: Path, out_dir: Path, tta: str, image_siz
     from geopose_mlops.inference import predict_folder
     from geopose_mlops.registry import load_predictor
 
-    done = predict_folder(load_predictor(model_uri), images_dir, out_dir, tta, image_size=image_size)
+    done = predict_folder(load_predictor(model_uri), images_dir, out_dir, tta, image_size=image_size, say=click.echo)
     click.echo(f"wrote {len(done)} prediction(s) to {out_dir}")
 
 

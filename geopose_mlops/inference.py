@@ -10,6 +10,7 @@ back and inverts the angle, then averages (heights: mean; angles: circular mean;
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,9 @@ class EnsemblePredictor:
         height = torch.einsum("k,kbhw->bhw", w, heights).clamp_min(0).numpy()
         factors = np.array([self.spec.city_height_factors.get(c, 1.0) for c in cities], dtype=np.float32)
         height = height * factors[:, None, None]
-        scale = (v @ scales).numpy().astype(np.float64)
+        # A member's scale is a least-squares slope (models/heads.py) and can come out negative: a scale
+        # is >= 0 px/m, and the fit clips it the same way (``ensemble.fit.ensemble_scale``).
+        scale = np.clip((v @ scales).numpy().astype(np.float64), 0, None)
         if self.scale_model is not None:
             scale = apply_scale_model(self.scale_model, gsd, scale, cities)
         angle = torch.atan2(u @ torch.sin(angles), u @ torch.cos(angles)).numpy()
@@ -148,6 +151,7 @@ def predict_folder(
     tta: str = "none",
     progress: bool = True,
     image_size: int | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> list[str]:
     """Write the submission folder: ``{id}_AGL.tif`` (uint16 cm) and ``{id}_VFLOW.json`` per image.
 
@@ -155,7 +159,8 @@ def predict_folder(
     or the pyfunc model's wrapper). Each file is written to a temporary name and renamed, so a killed
     run leaves no file that looks complete; images whose two files exist are skipped on a re-run.
     Each image is predicted at ``image_size`` (default: the members' training side), then its height
-    map is upsampled to the source size and its scale converted to source pixels per metre.
+    map is upsampled to the source size and its scale converted to source pixels per metre. ``say``
+    (e.g. ``click.echo``) is told how many images were skipped.
 
     Returns:
         The ids predicted in this call.
@@ -165,10 +170,11 @@ def predict_folder(
     size = image_size or predictor.spec.image_size
     if size <= 0 or size % 32:
         raise ConfigError(f"--image-size must be a positive multiple of 32, got {size}")
-    done = []
+    done, skipped = [], []
     for sample in tqdm(find_images(images_dir), desc="predict", disable=not progress, unit="image"):
         agl_path, vflow_path = out_dir / f"{sample.sample_id}_AGL.tif", out_dir / f"{sample.sample_id}_VFLOW.json"
         if agl_path.is_file() and vflow_path.is_file():
+            skipped.append(sample.sample_id)
             continue
         height, width, _, _ = io.raster_info(sample.rgb_path)
         if height != width:
@@ -183,4 +189,6 @@ def predict_folder(
         # scale is px/m at the training resolution: a source pixel is 1/factor of a training pixel
         io.write_vflow(vflow_path, float(out["scale"][0]) * factor, float(out["angle"][0]))
         done.append(sample.sample_id)
+    if skipped and say is not None:
+        say(f"skipped {len(skipped)} image(s) whose _AGL.tif and _VFLOW.json already exist in {out_dir}")
     return done

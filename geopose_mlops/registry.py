@@ -52,8 +52,12 @@ def select_cv_runs(
 ) -> list[mlflow.entities.Run]:
     """Finished top-level cv runs on the same data (best ``cv_score`` first), the candidates.
 
+    A search keeps the runs with the best run's ``data_fingerprint``; named runs must all share it (the
+    sample ids are checked again when their OOF folders are aligned).
+
     Raises:
-        ConfigError: A named run is not a finished cv run, or fewer than one candidate remains.
+        ConfigError: A named run is not a finished cv run or was trained on other data, or no candidate
+            remains.
     """
     client = MlflowClient()
     if run_ids:
@@ -73,6 +77,12 @@ def select_cv_runs(
         raise ConfigError(f"no finished cv run with a cv_score in experiment {experiment!r} to ensemble")
     runs.sort(key=lambda r: -r.data.metrics["cv_score"])
     data = runs[0].data.params.get(FINGERPRINT_PARAM)
+    other = [r.info.run_id for r in runs if r.data.params.get(FINGERPRINT_PARAM) != data]
+    if run_ids and other:
+        raise ConfigError(
+            f"--run-ids {other}: trained on other data ({FINGERPRINT_PARAM} differs from {runs[0].info.run_id}'s "
+            f"{data!r}); an ensemble needs members whose folds cover the same images"
+        )
     runs = [r for r in runs if r.data.params.get(FINGERPRINT_PARAM) == data]
     return runs[:max_members] if max_members else runs
 
@@ -125,6 +135,7 @@ def fit_tracked_ensemble(
             "n_members": str(len(spec.members)),
             "city_height_factors": json.dumps(spec.city_height_factors),
             "scale_model": str(spec.scale_model is not None),
+            "scale_angle_weights_from": spec.scale_angle_weights_from,
         }
         client.log_batch(
             run_id,

@@ -30,7 +30,7 @@ def test_fit_promote_predict_evaluate(tmp_path, monkeypatch) -> None:
     for decoder in ("Unet", "FPN"):
         config = TrainConfig(
             data_dir=str(data),
-            model=ModelConfig(encoder="tu-mobilenetv3_small_050", decoder=decoder),
+            model=ModelConfig(encoder="resnet18", decoder=decoder, encoder_weights="none"),
             epochs=1,
             lr=3e-3,
             batch_size=4,
@@ -55,6 +55,7 @@ def test_fit_promote_predict_evaluate(tmp_path, monkeypatch) -> None:
     metrics = best.data.metrics
     assert {"oof_score_ARG", "oof_score_OMA", "equal_weights_oof_score", "caruana_weights_oof_score"} <= metrics.keys()
     assert metrics["simplex_weights_oof_score"] >= metrics["equal_weights_oof_score"] - 1e-12
+    assert metrics["simplex_weights_oof_score"] >= metrics["best_member_oof_score"] - 1e-12
     artifacts = {a.path for a in client.list_artifacts(best.info.run_id)}
     assert "ensemble.json" in artifacts
 
@@ -74,6 +75,8 @@ def test_fit_promote_predict_evaluate(tmp_path, monkeypatch) -> None:
     predicted = runner.invoke(main, ["predict", "--images", str(data / "test"), "--out", str(out), "--tta", "flip"])
     assert predicted.exit_code == 0, predicted.output
     assert len(list(out.glob("*_AGL.tif"))) == 4 and len(list(out.glob("*_VFLOW.json"))) == 4
+    rerun = runner.invoke(main, ["predict", "--images", str(data / "test"), "--out", str(out)])
+    assert rerun.exit_code == 0 and "skipped 4 image(s)" in rerun.output and "wrote 0" in rerun.output
     scores = tmp_path / "scores.json"
     evaluated = runner.invoke(
         main,
@@ -90,13 +93,23 @@ def test_fit_promote_predict_evaluate(tmp_path, monkeypatch) -> None:
     assert evaluated.exit_code == 0, evaluated.output
     assert math.isfinite(json.loads(scores.read_text())["final_score"])
 
+    # A cv run is not an ensemble: refused as a bad argument, nothing registered.
+    not_ensemble = runner.invoke(main, ["promote", "--ensemble", runs[0].run_id, "--experiment", "e2e"])
+    assert not_ensemble.exit_code == 2 and "not an ensemble run" in not_ensemble.output
+    assert len(client.search_model_versions("name = 'geopose-ensemble'")) == 1
+
     # An ensemble of the weaker member alone scores below the champion: its promotion is refused.
     weaker = min(runs, key=lambda r: r.cv_score)
     worse = runner.invoke(main, ["ensemble", "fit", "--experiment", "e2e", "--run-ids", weaker.run_id])
     assert worse.exit_code == 0, worse.output
     worse_id = re.search(r"ensemble run (\w+):", worse.output).group(1)
+    worse_score = client.get_run(worse_id).data.metrics["oof_score"]
+    assert worse_score < metrics["oof_score"]
     refused = runner.invoke(main, ["promote", "--ensemble", worse_id, "--experiment", "e2e"])
     assert refused.exit_code == 1
     assert "refusing" in refused.output and "oof_score" in refused.output
-    champion = client.get_model_version_by_alias("geopose-ensemble", "champion")
-    assert champion.tags["geopose.ensemble_run_id"] == best.info.run_id
+    assert f"{worse_score:.6f}" in refused.output and f"{metrics['oof_score']:.6f}" in refused.output
+    # --force moves the alias to the worse version all the same.
+    forced = runner.invoke(main, ["promote", "--ensemble", worse_id, "--experiment", "e2e", "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert client.get_model_version_by_alias("geopose-ensemble", "champion").tags["geopose.ensemble_run_id"] == worse_id

@@ -35,11 +35,14 @@ def write_members(
     angle_kappas=None,
     height_gain=None,
     scale_gain=None,
+    fold_height_gain=None,
+    member_scale_gain=None,
 ):
     """Members = truth + planted noise; one OOF folder per member and fold (``OofPredictions.save``).
 
     Heights get N(0, sigma^2) m noise; scales are multiplied by 1 + N(0, tau^2); angles get N(0, kappa^2) rad;
-    ``height_gain``/``scale_gain`` multiply every member's heights/scales per city (a shared bias).
+    ``height_gain``/``scale_gain`` multiply every member's heights/scales per city (a shared bias);
+    ``fold_height_gain`` multiplies heights per ``(city, fold)``; ``member_scale_gain`` each member's scales.
     """
     rng = np.random.default_rng(seed)
     cities = [c for c in CITIES for _ in range(n_per_city)]
@@ -51,11 +54,13 @@ def write_members(
     ids = [f"{c}_img{i:04d}" for i, c in enumerate(cities)]
     folds = np.arange(n) % k
     height_bias = np.array([(height_gain or {}).get(c, 1.0) for c in cities])
+    height_bias *= np.array([(fold_height_gain or {}).get((c, f), 1.0) for c, f in zip(cities, folds, strict=True)])
     scale_bias = np.array([(scale_gain or {}).get(c, 1.0) for c in cities])
     members = []
     for m, sigma in enumerate(height_sigmas):
         pred = (np.nan_to_num(agl) + rng.normal(0, sigma, agl.shape)) * height_bias[:, None, None]
         scale_pred = scale * scale_bias * (1 + rng.normal(0, scale_taus[m] if scale_taus is not None else 0.0, n))
+        scale_pred *= member_scale_gain[m] if member_scale_gain is not None else 1.0
         angle_pred = angle + rng.normal(0, angle_kappas[m] if angle_kappas is not None else 0.0, n)
         folders = {}
         for fold in range(k):
@@ -135,6 +140,21 @@ def test_caruana_picks_with_replacement_toward_the_best_mix() -> None:
     np.testing.assert_allclose(weights, target)
 
 
+def test_scale_weights_chosen_on_the_exact_score_when_the_proxy_misleads(tmp_path) -> None:
+    # Every member's heights are half the truth; member0's scales are doubled, which puts its VFLOW
+    # right. The scale fit with true heights prefers member1's exact scales; the exact score does not.
+    everywhere = dict.fromkeys(CITIES, 0.5)
+    members = write_members(tmp_path, [0.5, 0.5], height_gain=everywhere, member_scale_gain=[2.0, 1.0])
+    spec, stats = fit_ensemble(read_image_table(members), "simplex")
+    proxy_v = fit_scale_weights(read_image_table(members), "simplex")
+    assert proxy_v[1] > 0.99  # the proxy picks member1's scales
+    assert spec.scale_angle_weights_from == "member:member0" and spec.scale_weights == [1.0, 0.0]
+    proxy_score = ensemble_score(stats, "simplex", np.array(spec.height_weights))["final_score"]
+    assert spec.method_oof_scores["simplex"] > proxy_score + 0.05
+    assert spec.method_oof_scores["simplex"] >= max(spec.member_oof_scores.values())
+    assert spec.method_oof_scores["simplex"] >= spec.equal_weights_oof_score
+
+
 def test_weighted_circular_mean_handles_the_wrap() -> None:
     angles = np.array([[math.radians(170), math.radians(-170)]])
     assert abs(math.degrees(circular_mean(angles, np.array([0.5, 0.5]))[0])) == pytest.approx(180, abs=1e-6)
@@ -156,6 +176,20 @@ def test_city_factor_recovered_and_kept_only_where_it_helps(tmp_path) -> None:
         if city != "ARG":
             assert factor == pytest.approx(1.0, abs=0.02)
     assert spec.oof_city_scores["ARG"] > spec.method_oof_scores["equal"]
+
+
+def test_city_factor_not_kept_when_the_other_folds_mislead(tmp_path) -> None:
+    # ARG heights are x0.8 in fold 0 and x1.25 in fold 1: the factor fitted on one fold (1.25 or 0.8)
+    # pushes the other fold the wrong way, so the nested check must drop it, though in-sample it helps.
+    gain = {("ARG", 0): 0.8, ("ARG", 1): 1.25}
+    table = read_image_table(write_members(tmp_path, [0.5], n_per_city=8, fold_height_gain=gain))
+    spec, stats = fit_ensemble(table, "equal")
+    assert "ARG" not in spec.city_height_factors
+    in_sample = fit_city_factors(stats, "equal", np.array([1.0]))["ARG"]
+    plain = ensemble_score(stats, "equal", np.array([1.0]))["cities"]["ARG"]["score"]
+    fitted = ensemble_score(stats, "equal", np.array([1.0]), {"ARG": in_sample})["cities"]["ARG"]["score"]
+    assert fitted >= plain  # scored on the images it was fitted on, a factor never looks worse
+    assert spec.oof_city_scores["ARG"] == pytest.approx(plain, abs=1e-12)
 
 
 def test_scale_model_kept_only_when_it_improves_the_nested_score(tmp_path) -> None:

@@ -74,5 +74,29 @@ def test_flipped_image_file_gives_the_flipped_submission_with_tta_flip(tmp_path)
     assert angle_b == pytest.approx(-angle_a, abs=1e-6)
     assert scale_a == scale_b == pytest.approx(2.0)  # px/m; 32 px predicted at 32 px: no rescaling
     assert json.loads((out / "JAX_a_VFLOW.json").read_text())["scale"] == pytest.approx(0.02)  # px/cm on disk
-    # A re-run finds both images complete and writes nothing.
-    assert predict_folder(predictor, images, out, "flip", progress=False, image_size=32) == []
+    # A re-run finds both images complete, writes nothing, and says so.
+    said = []
+    assert predict_folder(predictor, images, out, "flip", progress=False, image_size=32, say=said.append) == []
+    assert said == [f"skipped 2 image(s) whose _AGL.tif and _VFLOW.json already exist in {out}"]
+    # An image with only one of its two files is predicted again.
+    (out / "JAX_b_VFLOW.json").unlink()
+    assert predict_folder(predictor, images, out, "flip", progress=False, image_size=32) == ["JAX_b"]
+
+
+class _NegativeScale(_Equivariant):
+    """An undertrained member: its least-squares scale slope comes out negative."""
+
+    def forward(self, image, gsd, city):
+        out = super().forward(image, gsd, city)
+        return out | {SCALE: torch.full_like(out[SCALE], -0.3)}
+
+
+def test_negative_member_scale_is_written_as_zero_and_reads_back(tmp_path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    io.write_rgb(images / "OMA_a_RGB.tif", np.full((32, 32, 3), 90, np.uint8))
+    predictor = _fake_predictor()
+    predictor.members = [[_NegativeScale()]]
+    predict_folder(predictor, images, tmp_path / "out", "none", progress=False, image_size=32)
+    scale, _ = io.read_vflow(tmp_path / "out" / "OMA_a_VFLOW.json")  # io rejects a negative scale
+    assert scale == 0.0

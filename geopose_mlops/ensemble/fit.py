@@ -4,13 +4,15 @@ Order of the fit (``fit_ensemble``):
 
 1. per method (simplex, caruana, equal), scale and angle weights on the per-image table
    (``weights.fit_scale_weights``/``fit_angle_weights``: the VFLOW score with true heights; an
-   approximation, since the flow score is not separable in them, see ``stats``);
-2. an XGBoost model of the log ratio true / ensemble scale from gsd, city and the chosen method's
-   scale, predicted for each image by a
+   approximation, since the flow score is not separable in them, see ``stats``); each member alone
+   is a variant too;
+2. per candidate variant of the chosen method (``candidate_variants``), an XGBoost model of the log
+   ratio true / ensemble scale from gsd, city and that variant's scale, predicted for each image by a
    model fitted on the other folds;
 3. one streamed pass over the pixels (``stats.accumulate_statistics``) for every scale/angle variant;
-4. per method, height weights maximising the exact competition score (SLSQP on the simplex, Caruana's
-   greedy selection with replacement, or equal);
+4. per method and candidate variant, height weights maximising the exact competition score (SLSQP on
+   the simplex, Caruana's greedy selection with replacement, or equal); the variant with the best
+   exact score is kept, so simplex never scores below equal weights or the best single member;
 5. per-city height factors (closed form), kept for a city only where factors fitted on the other folds
    raise that city's score on the held-out fold; then the scale model, kept only if its nested
    predictions raise the score.
@@ -54,13 +56,15 @@ class EnsembleSpec:
         members: Member cv run ids.
         method: ``simplex``, ``caruana`` or ``equal``.
         height_weights, scale_weights, angle_weights: Per member, each summing to 1.
+        scale_angle_weights_from: Which fit gave the scale and angle weights: the method's own proxy fit,
+            ``equal``, or ``member:<run id>`` (``candidate_variants``).
         city_height_factors: Height multiplier per city (only cities where it helped).
         scale_model: File name of the XGBoost scale model beside ensemble.json, or None.
         oof_score: Out-of-fold score of the whole ensemble.
         oof_city_scores: Its score per city.
         equal_weights_oof_score: The score of equal weights, for comparison.
         member_oof_scores: Each member's own out-of-fold score.
-        method_oof_scores: Each method's weights alone (no factors, no scale model).
+        method_oof_scores: Each method's weights alone (no factors, no scale model), in-sample.
         member_folds: Per member, ``{fold: fold run id}`` (filled in by the caller).
         image_size: Training side of the members, px (filled in by the caller).
     """
@@ -70,6 +74,7 @@ class EnsembleSpec:
     height_weights: list[float]
     scale_weights: list[float]
     angle_weights: list[float]
+    scale_angle_weights_from: str = ""
     city_height_factors: dict[str, float] = field(default_factory=dict)
     scale_model: str | None = None
     oof_score: float = float("nan")
@@ -155,6 +160,11 @@ def nested_city_factors(stats: PixelStatistics, variant: str, w: np.ndarray) -> 
     return {city: nested[city]["score"] - plain[city]["score"] for city in plain}, factors
 
 
+def ensemble_scale(scales: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted members' scales (N, K) @ (K,), clipped at 0 px/m as at prediction time."""
+    return np.clip(np.asarray(scales, np.float64) @ np.asarray(weights, np.float64), 0, None)
+
+
 def scale_model_features(gsd: np.ndarray, ensemble_scale: np.ndarray, cities: Sequence[str]) -> np.ndarray:
     """Features of the scale model: gsd (m/px, NaN allowed), ensemble scale (px/m), city one-hot."""
     one_hot = np.array([[c == city for city in CITIES] for c in cities], dtype=np.float64).reshape(-1, len(CITIES))
@@ -204,6 +214,22 @@ def _height_objective(stats: PixelStatistics, variant: str):
     return lambda w: ensemble_score(stats, variant, w)["final_score"]
 
 
+def _scale_model_variant(variant: str) -> str:
+    return f"{SCALE_MODEL_VARIANT}:{variant}"
+
+
+def candidate_variants(method: str, members: Sequence[str]) -> list[str]:
+    """The scale/angle variants a method may pair its height weights with.
+
+    Scale and angle weights are fitted on a proxy (true heights, see ``weights``); with poor heights the
+    proxy's choice can score below equal weights or a single member. So simplex and Caruana also try
+    equal scale/angle weights and each member's own, and keep the variant whose exact score is best.
+    """
+    if method == "equal":
+        return ["equal"]
+    return [method, "equal", *(f"member:{m}" for m in members)]
+
+
 def fit_ensemble(
     table: ImageTable, method: str = "simplex", scale_model_dir: str | Path | None = None
 ) -> tuple[EnsembleSpec, PixelStatistics]:
@@ -223,48 +249,53 @@ def fit_ensemble(
     if method not in METHODS:
         raise ConfigError(f"--method must be one of {METHODS}, got {method!r}")
     k = len(table.members)
-    scale_angle = {}
-    for name in METHODS:
-        v, u = fit_scale_weights(table, name), fit_angle_weights(table, name)
-        scale_angle[name] = (v, u)
+    # (scale weights, angle weights) of every variant: each method's proxy fit, and each member alone.
+    weights = {name: (fit_scale_weights(table, name), fit_angle_weights(table, name)) for name in METHODS}
+    weights |= {f"member:{m}": (np.eye(k)[i], np.eye(k)[i]) for i, m in enumerate(table.members)}
     variants = {
-        name: (table.scale_pred @ v, circular_mean(table.angle_pred, u)) for name, (v, u) in scale_angle.items()
+        name: (ensemble_scale(table.scale_pred, v), circular_mean(table.angle_pred, u))
+        for name, (v, u) in weights.items()
     }
-    variants |= {f"member:{m}": (table.scale_pred[:, i], table.angle_pred[:, i]) for i, m in enumerate(table.members)}
-    nested_scale = None
+    candidates = candidate_variants(method, table.members)
     if scale_model_dir is not None:
-        nested_scale = nested_scale_model_predictions(table, variants[method][0])
-        if nested_scale is not None:
-            variants[SCALE_MODEL_VARIANT] = (nested_scale, variants[method][1])
+        for name in candidates:
+            nested_scale = nested_scale_model_predictions(table, variants[name][0])
+            if nested_scale is not None:
+                variants[_scale_model_variant(name)] = (nested_scale, variants[name][1])
     stats = accumulate_statistics(table, variants)
 
-    heights = {name: fit_weights(_height_objective(stats, name), k, name) for name in METHODS}
-    method_scores = {name: ensemble_score(stats, name, heights[name])["final_score"] for name in METHODS}
+    heights, chosen = {}, {}
+    for name in METHODS:
+        fits = {v: fit_weights(_height_objective(stats, v), k, name) for v in candidate_variants(name, table.members)}
+        chosen[name] = max(fits, key=lambda v: ensemble_score(stats, v, fits[v])["final_score"])
+        heights[name] = fits[chosen[name]]
+    method_scores = {name: ensemble_score(stats, chosen[name], heights[name])["final_score"] for name in METHODS}
     member_scores = {
         m: ensemble_score(stats, f"member:{m}", np.eye(k)[i])["final_score"] for i, m in enumerate(table.members)
     }
-    w = heights[method]
-    gains, nested = nested_city_factors(stats, method, w)
+    w, variant = heights[method], chosen[method]
+    gains, nested = nested_city_factors(stats, variant, w)
     kept = {city for city, gain in gains.items() if gain > 0}
-    all_factors = fit_city_factors(stats, method, w)
+    all_factors = fit_city_factors(stats, variant, w)
     factors = {city: all_factors[city] for city in sorted(kept) if city in all_factors}
     # Honest per-group factors: fitted without the group's fold, for the cities that keep one.
     honest = np.where([c in factors for c in stats.group_cities], nested, 1.0)
-    scored_variant, scale_model = method, None
-    if nested_scale is not None:
-        with_model = ensemble_score(stats, SCALE_MODEL_VARIANT, w, honest)["final_score"]
-        if with_model > ensemble_score(stats, method, w, honest)["final_score"]:
-            model = fit_scale_model(table.gsd, variants[method][0], list(table.cities), table.scale_true)
+    scored_variant, scale_model = variant, None
+    if _scale_model_variant(variant) in stats.variants:
+        with_model = ensemble_score(stats, _scale_model_variant(variant), w, honest)["final_score"]
+        if with_model > ensemble_score(stats, variant, w, honest)["final_score"]:
+            model = fit_scale_model(table.gsd, variants[variant][0], list(table.cities), table.scale_true)
             model.save_model(str(Path(scale_model_dir) / SCALE_MODEL_FILE))
-            scored_variant, scale_model = SCALE_MODEL_VARIANT, SCALE_MODEL_FILE
+            scored_variant, scale_model = _scale_model_variant(variant), SCALE_MODEL_FILE
     final = ensemble_score(stats, scored_variant, w, honest)
-    v, u = scale_angle[method]
+    v, u = weights[variant]
     spec = EnsembleSpec(
         members=list(table.members),
         method=method,
         height_weights=w.tolist(),
         scale_weights=v.tolist(),
         angle_weights=u.tolist(),
+        scale_angle_weights_from=variant,
         city_height_factors=factors,
         scale_model=scale_model,
         oof_score=final["final_score"],

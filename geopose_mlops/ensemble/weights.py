@@ -100,7 +100,7 @@ def angle_score(table: ImageTable, angle: np.ndarray) -> float:
 
 def fit_scale_weights(table: ImageTable, method: str) -> np.ndarray:
     """(K,) weights of the members' scales maximising ``scale_score``."""
-    return fit_weights(lambda v: scale_score(table, table.scale_pred @ v), len(table.members), method)
+    return fit_weights(lambda v: scale_score(table, np.clip(table.scale_pred @ v, 0, None)), len(table.members), method)
 
 
 def fit_angle_weights(table: ImageTable, method: str) -> np.ndarray:
