@@ -5,7 +5,9 @@ SPEC §4: one run tagged ``geopose.kind=study`` per Optuna study, found again by
 under the same run. Each trial is a cross-validation run (created here, then filled by ``train.cv``)
 tagged ``geopose.kind=trial``, nested under the study run, cross-referenced with Optuna by the tag
 ``optuna.trial_number`` (and, on the Optuna side, the trial's user attribute ``mlflow_run_id``).
-A pruned trial's run is tagged ``optuna.state=PRUNED`` and ends with status ``KILLED``.
+A pruned trial's run is tagged ``optuna.state=PRUNED`` and ends with status ``KILLED``. The run of a
+trial whose worker died (found by the heartbeat) is closed by the worker that finds it: status
+``FAILED``, tags ``optuna.state=FAILED`` and ``optuna.dead_worker`` (the dead worker's ``host:pid``).
 
 Runs are addressed by id through ``MlflowClient`` (as in ``tracking``), never through the fluent API's
 active-run stack.
@@ -17,10 +19,12 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -32,6 +36,7 @@ STORAGE_TAG = "optuna.storage"
 TRIAL_NUMBER_TAG = "optuna.trial_number"
 TRIAL_STATE_TAG = "optuna.state"
 PRUNED_STEP_TAG = "optuna.pruned_at_step"
+DEAD_WORKER_TAG = "optuna.dead_worker"
 STUDY_RUN_TAG = "geopose.study_run_id"  # on an ``mlflow run`` launch run that is not the study run
 
 
@@ -140,6 +145,18 @@ class StudyTracker:
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED")
         self.client.set_terminated(run_id, status=status)
+
+    def end_dead_trial(self, run_id: str, worker: str) -> None:
+        """Close the run of a trial whose worker died (``worker``: its ``host:pid``) as FAILED.
+
+        Called by another worker while it starts a trial, so a tracking error here is only a warning:
+        it must not stop that worker.
+        """
+        try:
+            self.client.set_tag(run_id, DEAD_WORKER_TAG, worker)
+            self.end_trial(run_id, "FAILED")
+        except MlflowException as err:
+            warnings.warn(f"trial run {run_id} of dead worker {worker}: cannot close it ({err})", stacklevel=2)
 
     def log_study_summary(
         self,

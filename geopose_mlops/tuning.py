@@ -10,8 +10,9 @@ whether to stop (``trial.report`` + ``should_prune``); a pruned trial's run is t
 
 Storage and parallel workers: the storage is an ``RDBStorage`` with a heartbeat, so a worker killed
 mid-trial leaves its trial RUNNING only until ``grace_period`` seconds pass without a heartbeat; the next
-worker to start a trial then marks it FAILED and ``RetryHeartbeatStaleTrialCallback`` queues a copy
-of it (up to ``max_retry`` times).
+worker to start a trial then marks it FAILED, closes its MLflow trial run as FAILED, and
+``RetryHeartbeatStaleTrialCallback`` queues a copy of it (up to ``max_retry`` times). Each trial records
+the worker that runs it (user attribute ``worker``, ``host:pid``).
 SQLite (the default, a file beside the study YAML) is meant for one process at a time: it locks the
 whole database file on every write, so concurrent workers wait on each other (the busy timeout below
 makes them wait instead of failing) and a network file system can corrupt it. For real parallel use,
@@ -25,6 +26,8 @@ Every MLflow call lives in ``tracking_tuning``; this module only talks to Optuna
 from __future__ import annotations
 
 import math
+import os
+import socket
 import time
 import warnings
 from collections import Counter
@@ -43,6 +46,8 @@ from geopose_mlops.study_config import PrunerConfig, SamplerConfig, SearchSpace,
 from geopose_mlops.tracking_tuning import StudyTracker
 
 STORAGE_ATTEMPTS = 3  # tries at opening a storage whose tables another worker is creating
+
+StaleTrialCallback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
 
 __all__ = [
     "StudyConfig",
@@ -118,12 +123,15 @@ def build_pruner(config: PrunerConfig, max_resource: int) -> optuna.pruners.Base
     return optuna.pruners.NopPruner()
 
 
-def build_storage(config: StudyConfig, url: str | None = None) -> optuna.storages.RDBStorage:
+def build_storage(
+    config: StudyConfig, url: str | None = None, on_stale: StaleTrialCallback | None = None
+) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeats and retries of dead trials.
 
     Args:
         config: The study (its storage URL, heartbeat, grace period, retries, SQLite timeout).
         url: Overrides ``config.storage`` (the ``--storage`` option).
+        on_stale: Called with each trial this worker finds dead and marks FAILED, before any retry.
     """
     url = url or config.storage
     if not url:
@@ -139,9 +147,13 @@ def build_storage(config: StudyConfig, url: str | None = None) -> optuna.storage
         engine_kwargs["pool_pre_ping"] = True  # a server may drop idle connections during long trials
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat and retry
-        retry = None
-        if config.max_retry:
-            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=config.max_retry)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(config.max_retry) if config.max_retry else None
+        callbacks = [c for c in (on_stale, retry) if c is not None]
+
+        def stale_trial_callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            for callback in callbacks:
+                callback(study, trial)
+
         for attempt in range(1, STORAGE_ATTEMPTS + 1):
             try:
                 return optuna.storages.RDBStorage(
@@ -149,11 +161,12 @@ def build_storage(config: StudyConfig, url: str | None = None) -> optuna.storage
                     engine_kwargs=engine_kwargs,
                     heartbeat_interval=config.heartbeat_interval,
                     grace_period=config.grace_period,
-                    heartbeat_stale_trial_callback=retry,
+                    heartbeat_stale_trial_callback=stale_trial_callback if callbacks else None,
                 )
-            except sqlalchemy.exc.SQLAlchemyError as err:
+            except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
                 # Workers starting together on a new database race to create its tables ("table
-                # studies already exists"); once one has, the others find them and go on.
+                # studies already exists"; on PostgreSQL a duplicate pg_type row, or "relation
+                # version_info does not exist" that Optuna wraps); once one has, the others go on.
                 if attempt == STORAGE_ATTEMPTS:
                     raise GeoposeError(f"storage {redact(url)}: cannot open ({err})") from err
                 time.sleep(attempt)
@@ -204,6 +217,7 @@ def make_objective(
         params = suggest_hyperparameters(trial, config.search_space)
         for key, value in params.items():
             trial.set_user_attr(key, value)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         train = trial_train_config(config, params)
         run_id = tracker.start_trial_run(study_run_id, trial.number, params)
         trial.set_user_attr("mlflow_run_id", run_id)
@@ -308,15 +322,20 @@ def run_study(
     """
     url = storage or config.storage
     full_trial = trial_train_config(config, {"lr": 1e-4, "batch_size": 1, "effective_batch_size": 1})
+    tracker = StudyTracker(config.experiment)
+
+    def close_dead_trial_run(_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if "mlflow_run_id" in trial.user_attrs:  # its worker died after creating the run
+            tracker.end_dead_trial(trial.user_attrs["mlflow_run_id"], trial.user_attrs.get("worker", "?"))
+
     study = optuna.create_study(
-        storage=build_storage(config, url),
+        storage=build_storage(config, url, on_stale=close_dead_trial_run),
         sampler=build_sampler(config.sampler),
         pruner=build_pruner(config.pruner, max_resource=trial_steps(full_trial)),
         study_name=config.study_name,
         direction=config.direction,
         load_if_exists=True,
     )
-    tracker = StudyTracker(config.experiment)
     study_run_id = tracker.study_run(config.study_name, redact(url))
     study.set_user_attr("mlflow_run_id", study_run_id)
     tracker.log_study_params(study_run_id, study_params(config))
