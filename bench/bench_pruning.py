@@ -1,7 +1,7 @@
 """Figure 6, pruning: epochs spent by a 20-trial study with the median pruner vs without.
 
 Both studies go through the project's real path, ``tuning.run_study`` on ``studies/lr_batch.yaml``
-(TPE sampler seed 0 with 8 random start-up trials; median pruner with 4 start-up trials and 2 warm-up
+(TPE sampler seed 0 with 8 random start-up trials; median pruner with 3 start-up trials and 1 warm-up
 epochs; 10 epochs per trial; objective ``fold0``): an Optuna RDB storage, an MLflow study run with a
 trial run per trial, and every epoch ``tracker.log_trial_epoch`` + ``trial.report`` +
 ``trial.should_prune`` in ``make_objective``'s callback. The reference study differs only in
