@@ -127,6 +127,8 @@ class TrainConfig:
         loss: ``mse`` (baseline), ``r2`` (per-city R², 1st place) or ``huber_cos`` (2nd place).
         num_workers: DataLoader workers.
         augment: Apply the training augmentations.
+        skip_bad: Train on the good samples when some files are bad (the skipped files are logged as
+            ``skipped_files.csv`` on the cv run); off: bad files stop the run before it starts.
     """
 
     data_dir: str = "data"
@@ -145,6 +147,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     num_workers: int = 0
     augment: bool = True
+    skip_bad: bool = False
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
