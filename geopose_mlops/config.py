@@ -31,7 +31,7 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
     names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(names))
+    unknown = sorted(set(values) - set(names), key=repr)  # YAML keys may be numbers or null, not only text
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
     hints = typing.get_type_hints(cls)
