@@ -43,7 +43,10 @@ def _fails_cleanly(args: list[str], *expected: str) -> str:
     [
         (["--lr", "0"], ["lr must be > 0, got 0.0"]),
         (["--lr", "-0.001"], ["lr must be > 0, got -0.001"]),
-        (["--batch-size", "4", "--effective-batch-size", "2"], ["effective_batch_size", "multiple of batch_size=4", "got 2"]),
+        (
+            ["--batch-size", "4", "--effective-batch-size", "2"],
+            ["effective_batch_size", "multiple of batch_size=4", "got 2"],
+        ),
         (["--batch-size", "4", "--effective-batch-size", "6"], ["[1, 128]", "multiple of batch_size=4", "got 6"]),
         (["--batch-size", "0"], ["batch_size must be in [1, 128], got 0"]),
         (["--encoder", "resnet19"], ["unknown encoder 'resnet19'", "valid:", "resnet18"]),

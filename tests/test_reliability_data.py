@@ -63,7 +63,9 @@ def test_skip_bad_trains_on_the_rest_and_logs_the_skipped_files(bad_data, tmp_pa
     assert result.exit_code == 0, (result.output, result.exception)
 
     client = MlflowClient()
-    (cv,) = client.search_runs([client.get_experiment_by_name("skip").experiment_id], f"tags.`{KIND_TAG}` = '{KIND_CV}'")
+    (cv,) = client.search_runs(
+        [client.get_experiment_by_name("skip").experiment_id], f"tags.`{KIND_TAG}` = '{KIND_CV}'"
+    )
     assert cv.info.status == "FINISHED" and "cv_score" in cv.data.metrics
     skipped = pd.read_csv(client.download_artifacts(cv.info.run_id, SKIPPED_FILES, str(tmp_path)))
     assert set(skipped["path"]) == {str(p) for p in bad.values()} | {

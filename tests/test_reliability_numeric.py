@@ -1,4 +1,4 @@
-"""Numerical faults: a loss that turns NaN stops the fold visibly; an image with no AGL truth is skipped with a warning."""
+"""Numerical faults: a NaN loss stops the fold visibly; an image with no AGL truth is skipped with a warning."""
 
 from __future__ import annotations
 

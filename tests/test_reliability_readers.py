@@ -32,7 +32,9 @@ PROPERTY = settings(
 # Random bytes, plus truncations of real files of each format (the faults real data sets have).
 RAW = st.one_of(
     st.binary(max_size=2048),
-    st.sampled_from([b"", b"\x00" * 64, b"II*\x00", b"MM\x00*", b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51"]),
+    st.sampled_from(
+        [b"", b"\x00" * 64, b"II*\x00", b"MM\x00*", b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51"]
+    ),
 )
 
 
@@ -142,7 +144,7 @@ def test_vflow_reader_on_random_content(content: bytes) -> None:
 CSV_TEXT = st.one_of(
     st.text(max_size=300),
     st.lists(
-        st.lists(st.text(alphabet="abcARGJX_.,0123456789-\"\n", max_size=12), min_size=1, max_size=5), max_size=6
+        st.lists(st.text(alphabet='abcARGJX_.,0123456789-"\n', max_size=12), min_size=1, max_size=5), max_size=6
     ).map(lambda rows: "\n".join(",".join(r) for r in rows)),
     st.lists(st.text(alphabet="ARG_xyz.tifj2k", max_size=14), min_size=4, max_size=4).map(
         lambda cells: "id,agl,json,rgb\n" + ",".join(cells) + "\n"
@@ -185,9 +187,12 @@ YAML_DOCS = st.one_of(
         st.one_of(st.sampled_from(STUDY_KEYS), st.text(max_size=5), st.integers(-3, 3)), JSON_VALUES, max_size=5
     ).map(yaml.safe_dump),  # structured documents with valid and invalid keys (int ones too) and values
     st.fixed_dictionaries(
-        {"study_name": st.sampled_from(["s", "a b", ""]), "train": st.dictionaries(
-            st.sampled_from(["lr", "epochs", "model", "folds", "k", "bogus"]), JSON_VALUES, max_size=3
-        )}
+        {
+            "study_name": st.sampled_from(["s", "a b", ""]),
+            "train": st.dictionaries(
+                st.sampled_from(["lr", "epochs", "model", "folds", "k", "bogus"]), JSON_VALUES, max_size=3
+            ),
+        }
     ).map(json.dumps),
 )
 

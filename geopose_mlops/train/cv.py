@@ -30,7 +30,7 @@ from geopose_mlops.data.cache import SampleCache, build_cache
 from geopose_mlops.data.check import usable_samples
 from geopose_mlops.data.dataset import GeoposeDataset
 from geopose_mlops.data.folds import make_folds, read_folds
-from geopose_mlops.errors import BadFilesError, ConfigError, GeoposeError
+from geopose_mlops.errors import BadFilesError, ConfigError, DataError, GeoposeError
 from geopose_mlops.train import distributed, loop
 from geopose_mlops.train.checkpoint import BEST_NAME, LAST_NAME, load_checkpoint, save_checkpoint
 from geopose_mlops.train.oof import score_oof_folders
@@ -115,7 +115,9 @@ def prepare_data(
         wanted = set(folds_table["id"])
         missing = wanted - {s.sample_id for s in samples}
         samples = [s for s in samples if s.sample_id in wanted]
-        problems += [(Path(config.data_dir), f"sample {m} of the run's folds.csv is bad or gone") for m in sorted(missing)]
+        problems += [
+            (Path(config.data_dir), f"sample {m} of the run's folds.csv is bad or gone") for m in sorted(missing)
+        ]
     try:
         cache = build_cache(samples, cache_root, config.image_size) if samples else None
     except BadFilesError as err:
@@ -138,11 +140,26 @@ def prepare_data(
 
 
 def _resume_state(tracker, run_id: str, local_dir: Path) -> dict | None:
-    """The last checkpoint of a fold run: its artifact, else the local copy; None if neither exists."""
-    path = tracker.download_checkpoint(run_id, LAST_NAME, local_dir / "download")
-    if path is None and (local_dir / LAST_NAME).is_file():
-        path = local_dir / LAST_NAME
-    return load_checkpoint(path) if path is not None else None
+    """The last checkpoint of a fold run: its artifact, else the local copy; None if neither exists.
+
+    A process killed while it copied ``last.pt`` into a local artifact store can leave that copy cut
+    short; the local checkpoint (written atomically) is then used instead.
+
+    Raises:
+        DataError: Checkpoints exist but none can be read (each is named).
+    """
+    candidates = [tracker.download_checkpoint(run_id, LAST_NAME, local_dir / "download"), local_dir / LAST_NAME]
+    errors = []
+    for path in candidates:
+        if path is None or not Path(path).is_file():
+            continue
+        try:
+            return load_checkpoint(path)
+        except DataError as err:
+            errors.append(str(err))
+    if errors:
+        raise DataError(local_dir, f"fold run {run_id}: no readable last checkpoint ({'; '.join(errors)})")
+    return None
 
 
 def _upload_epoch(
@@ -474,12 +491,15 @@ def _run_cross_validation(
             scores = distributed.broadcast_from_main(scores, context)
         except BaseException as err:
             if is_store_error(err):  # the store is down: closing the run would fail (after retries) too
-                kept = f"local checkpoints are in {root / cv_run_id}" if work_dir is not None else (
-                    "no local copy was kept (use --work-dir)"
+                kept = (
+                    f"local checkpoints are in {root / cv_run_id}"
+                    if work_dir is not None
+                    else ("no local copy was kept (use --work-dir)")
                 )
                 raise store_error(
-                    err, f"cv run {cv_run_id} is left open; {kept}. Once the store is back: "
-                    f"geopose-ml train --data-dir {config.data_dir} --resume {cv_run_id}"
+                    err,
+                    f"cv run {cv_run_id} is left open; {kept}. Once the store is back: "
+                    f"geopose-ml train --data-dir {config.data_dir} --resume {cv_run_id}",
                 ) from err
             tracker.end_run(cv_run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
             raise
