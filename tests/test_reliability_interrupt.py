@@ -139,7 +139,8 @@ def test_killed_study_resumes_with_no_trial_lost_and_none_running(data_dir, tmp_
     (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == dead.number]
     assert retry.state.name == "COMPLETE" and retry.params == dead.params  # the killed point was run again
     client = MlflowClient()
-    runs = client.search_runs([client.get_experiment_by_name("tune-kill").experiment_id], "tags.`geopose.kind` = 'trial'")
+    experiment = client.get_experiment_by_name("tune-kill").experiment_id
+    runs = client.search_runs([experiment], "tags.`geopose.kind` = 'trial'")
     assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED", "FINISHED"]  # none left RUNNING
 
 
