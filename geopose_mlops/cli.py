@@ -6,13 +6,17 @@ exits 1 (bad data or run-time failure) or 2 (bad arguments or configuration, not
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
 from geopose_mlops.errors import ConfigError, GeoposeError
+
+EXIT_INTERRUPTED = 130  # the shell's code for a command stopped by a signal (128 + SIGINT)
 
 
 class GeoposeGroup(click.Group):
@@ -27,6 +31,33 @@ class GeoposeGroup(click.Group):
         except GeoposeError as err:
             click.echo(f"Error: {err}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted; open runs were marked KILLED (continue with --resume RUN_ID)", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM (``kill``, a batch scheduler's stop) stops the command as Ctrl-C does.
+
+    The ``KeyboardInterrupt`` unwinds through training and tuning, which mark their runs KILLED and
+    their trials failed instead of leaving them RUNNING. (SIGKILL cannot be caught: runs stay RUNNING,
+    and ``--resume`` / the study's heartbeats take over.)
+    """
+    import signal
+    import threading
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=GeoposeGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -87,6 +118,17 @@ def _train_options(command):
         click.option("--experiment", default="geopose", show_default=True, help="MLflow experiment."),
         click.option("--resume", "resume", help="Continue a cv or fold run by id (its own config is used)."),
         click.option("--cache-dir", type=click.Path(path_type=Path), help="Cache root (default DATA/.geopose_cache)."),
+        click.option(
+            "--skip-bad/--no-skip-bad",
+            default=False,
+            show_default=True,
+            help="Train on the good samples when some files are bad (logged as skipped_files.csv).",
+        ),
+        click.option(
+            "--work-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            help="Keep local checkpoints here (default: a temporary folder, removed after).",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -108,7 +150,8 @@ def _train_config(folds: str, options: dict):
     # 0 and "" stand for "not given", as MLproject parameters cannot be left out.
     options["effective_batch_size"] = options["effective_batch_size"] or None
     options["crop_size"] = options["crop_size"] or None
-    rest = {key: options.pop(key) for key in ("experiment", "resume", "cache_dir", "parent_run_id") if key in options}
+    rest_keys = ("experiment", "resume", "cache_dir", "parent_run_id", "work_dir")
+    rest = {key: options.pop(key) for key in rest_keys if key in options}
     config = TrainConfig(data_dir=str(options.pop("data_dir")), model=model, folds=fold_list, **options)
     options.update(rest)
     return config
@@ -119,7 +162,10 @@ def _run_training(folds: str, options: dict) -> None:
 
     config = _train_config(folds, options)
     experiment, resume, cache_dir = options.pop("experiment"), options.pop("resume"), options.pop("cache_dir")
-    result = run_cross_validation(config, experiment=experiment, resume_run_id=resume or None, cache_root=cache_dir)
+    with _sigterm_as_interrupt():
+        result = run_cross_validation(
+            config, experiment, resume or None, cache_root=cache_dir, work_dir=options["work_dir"]
+        )
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun, rank 0 reports
     click.echo(f"cv run {result.run_id}: cv_score {result.cv_score:.4f}")
@@ -303,7 +349,8 @@ def tune(study_file: Path, n_trials: int | None, timeout: float | None, storage:
     from geopose_mlops.tuning import describe_study, load_study_config, run_study
 
     config = load_study_config(study_file)
-    study = run_study(config, n_trials=n_trials or None, timeout=timeout or None, storage=storage or None)
+    with _sigterm_as_interrupt():
+        study = run_study(config, n_trials=n_trials or None, timeout=timeout or None, storage=storage or None)
     click.echo(describe_study(study))
 
 

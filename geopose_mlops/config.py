@@ -31,7 +31,7 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
     names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(names))
+    unknown = sorted(set(values) - set(names), key=repr)  # YAML keys may be numbers or null, not only text
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
     hints = typing.get_type_hints(cls)
@@ -127,6 +127,8 @@ class TrainConfig:
         loss: ``mse`` (baseline), ``r2`` (per-city R², 1st place) or ``huber_cos`` (2nd place).
         num_workers: DataLoader workers.
         augment: Apply the training augmentations.
+        skip_bad: Train on the good samples when some files are bad (the skipped files are logged as
+            ``skipped_files.csv`` on the cv run); off: bad files stop the run before it starts.
     """
 
     data_dir: str = "data"
@@ -145,6 +147,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     num_workers: int = 0
     augment: bool = True
+    skip_bad: bool = False
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")

@@ -25,3 +25,21 @@ class DataError(GeoposeError):
 
 class ConfigError(GeoposeError):
     """A configuration value or option is out of its allowed range or unknown."""
+
+
+class BadFilesError(DataError):
+    """Several data files are bad: every one is named with its reason (one line per file after the first).
+
+    Args:
+        path: The data set (or folder) the files belong to.
+        problems: ``(file, reason)`` for every bad file found.
+    """
+
+    def __init__(self, path: str | Path, problems: list[tuple[Path, str]]) -> None:
+        self.problems = [(Path(p), r) for p, r in problems]
+        listed = "; ".join(f"{p}: {r}" for p, r in self.problems)
+        super().__init__(path, f"{len(self.problems)} bad file(s): {listed}")
+
+
+class TrackingStoreError(GeoposeError):
+    """The MLflow tracking store cannot be reached or refused a request (the message names its URI)."""

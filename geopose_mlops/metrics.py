@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,6 +100,10 @@ class CityAccumulator:
         }
 
 
+class NoTruthWarning(UserWarning):
+    """An image whose AGL truth is no-data everywhere was left out of the pixel scores."""
+
+
 class GeoposeMetric:
     """Accumulates the competition score image by image; ``compute`` gives per-city and final values."""
 
@@ -142,7 +147,14 @@ class GeoposeMetric:
         acc.scale_abs_sum += abs(scale_pred - scale_true)
         acc.scale_sq_sum += (scale_pred - scale_true) ** 2
         if not valid.any():
+            # Its R2 terms would be 0/0; it still counts for the angle and scale errors.
             self.skipped.append(sample_id)
+            warnings.warn(
+                f"{sample_id or 'an image'} ({city}): every AGL pixel is no-data; left out of the AGL and VFLOW "
+                "R2 and RMSE",
+                NoTruthWarning,
+                stacklevel=2,
+            )
             return
         true_h = agl_true[valid].astype(np.float64)
         pred_h = np.nan_to_num(agl_pred[valid].astype(np.float64))

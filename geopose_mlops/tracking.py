@@ -38,6 +38,7 @@ FOLD_TAG = "geopose.fold"
 CODE_VERSION_TAG = "geopose.code_version"
 FINGERPRINT_PARAM = "data_fingerprint"
 CHECKPOINT_DIR, OOF_DIR = "checkpoints", "oof"
+SKIPPED_FILES = "skipped_files.csv"  # artifact of a cv run trained with skip_bad
 MAX_BATCH = 500  # below the tracking server's per-request limit of 1000 metrics
 
 
@@ -97,9 +98,20 @@ class CvTracker:
     """
 
     def __init__(self, experiment: str = DEFAULT_EXPERIMENT) -> None:
-        self.client = MlflowClient()
         self.experiment_name = experiment
         self._experiment_id: str | None = None
+        self._client: MlflowClient | None = None
+
+    @property
+    def client(self) -> MlflowClient:
+        """The MLflow client, made on first use.
+
+        A tracker made before the arguments are validated so creates nothing (the client is what
+        creates a SQLite store's file).
+        """
+        if self._client is None:
+            self._client = MlflowClient()
+        return self._client
 
     @property
     def experiment_id(self) -> str:
@@ -271,6 +283,14 @@ class CvTracker:
             path = Path(tmp) / "folds.csv"
             folds_table.to_csv(path, index=False)
             self.client.log_artifact(cv_run_id, str(path))
+
+    def log_skipped_files(self, run_id: str, problems: Sequence[tuple[Path, str]]) -> None:
+        """``skipped_files.csv`` (path,reason) on a run: the bad files left out of training."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / SKIPPED_FILES
+            rows = [(str(p), r) for p, r in problems]
+            pd.DataFrame(rows, columns=["path", "reason"]).to_csv(path, index=False)
+            self.client.log_artifact(run_id, str(path))
 
     def log_config(self, cv_run_id: str, config: TrainConfig) -> None:
         """``config.json``: the TrainConfig that rebuilds this cross-validation."""

@@ -11,8 +11,10 @@ whether to stop (``trial.report`` + ``should_prune``); a pruned trial's run is t
 Storage and parallel workers: the storage is an ``RDBStorage`` with a heartbeat, so a worker killed
 mid-trial leaves its trial RUNNING only until ``grace_period`` seconds pass without a heartbeat; the next
 worker to start a trial then marks it FAILED, closes its MLflow trial run as FAILED, and
-``RetryHeartbeatStaleTrialCallback`` queues a copy of it (up to ``max_retry`` times). Each trial records
-the worker that runs it (user attribute ``worker``, ``host:pid``).
+``RetryHeartbeatStaleTrialCallback`` queues a copy of it (up to ``max_retry`` times; when the copy starts
+it closes the dead run too, in case it was left RUNNING). Each trial records the worker that runs it
+(user attribute ``worker``, ``host:pid``). A trial stopped by SIGTERM or Ctrl-C fails and its point is
+queued again, so the next ``tune`` runs it first.
 SQLite (the default, a file beside the study YAML) is meant for one process at a time: it locks the
 whole database file on every write, so concurrent workers wait on each other (the busy timeout below
 makes them wait instead of failing) and a network file system can corrupt it. For real parallel use,
@@ -214,6 +216,9 @@ def make_objective(
     from geopose_mlops.train.cv import run_cross_validation
 
     def objective(trial: optuna.Trial) -> float:
+        dead_run_id = trial.user_attrs.get("mlflow_run_id")
+        if dead_run_id:  # a heartbeat retry copies the dead trial's attributes: close the run it left RUNNING
+            tracker.end_trial(dead_run_id, "FAILED")
         params = suggest_hyperparameters(trial, config.search_space)
         for key, value in params.items():
             trial.set_user_attr(key, value)
@@ -244,6 +249,12 @@ def make_objective(
             )
         except optuna.TrialPruned:
             tracker.end_trial(run_id, "PRUNED", step=reported[-1])
+            raise
+        except KeyboardInterrupt:
+            # Stopped from outside (Ctrl-C, SIGTERM): the trial fails, and the same point is queued so
+            # that the next `tune` runs it first; no sampled point is lost.
+            tracker.end_trial(run_id, "FAILED")
+            trial.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
             raise
         except BaseException:
             tracker.end_trial(run_id, "FAILED")

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from geopose_mlops.constants import CITIES
 from geopose_mlops.data import io
 from geopose_mlops.data.layout import Sample
-from geopose_mlops.errors import DataError
+from geopose_mlops.errors import BadFilesError, DataError
 
 CACHE_FORMAT_VERSION = 1
 CACHE_DIR_NAME = ".geopose_cache"
@@ -164,7 +164,24 @@ def _remove_stale_builds(cache_root: Path, fingerprint: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _decode_row(arrays: dict[str, np.ndarray], row: int, sample: Sample, size: int) -> None:
+    height, width, _, _ = io.raster_info(sample.rgb_path)
+    if height != width:
+        raise DataError(sample.rgb_path, f"expected a square image, found {height}x{width} pixels")
+    if sample.city not in CITIES:
+        raise DataError(sample.rgb_path, f"city {sample.city!r} is not one of {CITIES}")
+    factor = size / width  # cached pixels per source pixel
+    arrays["rgb"][row] = io.read_rgb(sample.rgb_path, size=size)
+    arrays["agl"][row] = io.read_agl(sample.agl_path, size=size) if sample.agl_path is not None else np.nan
+    if sample.vflow_path is not None:
+        scale_px_per_m, arrays["angle"][row] = io.read_vflow(sample.vflow_path)
+        arrays["scale"][row] = scale_px_per_m * factor
+    arrays["gsd"][row] = sample.gsd / factor
+    arrays["city_index"][row] = CITIES.index(sample.city)
+
+
 def _decode_into(tmp: Path, samples: Sequence[Sample], image_size: int, progress: bool) -> None:
+    """Decode every sample into ``tmp``; a bad file does not stop the pass, all are reported at the end."""
     n, size = len(samples), image_size
     rgb = open_memmap(tmp / "rgb.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
     agl = open_memmap(tmp / "agl.npy", mode="w+", dtype=np.float32, shape=(n, size, size))
@@ -172,20 +189,15 @@ def _decode_into(tmp: Path, samples: Sequence[Sample], image_size: int, progress
     angle = np.full(n, np.nan, dtype=np.float32)
     gsd = np.full(n, np.nan, dtype=np.float32)
     city_index = np.zeros(n, dtype=np.int64)
+    arrays = {"rgb": rgb, "agl": agl, "scale": scale, "angle": angle, "gsd": gsd, "city_index": city_index}
+    problems: list[tuple[Path, str]] = []
     for row, sample in enumerate(tqdm(samples, desc=f"cache {size}px", unit="image", disable=not progress)):
-        height, width, _, _ = io.raster_info(sample.rgb_path)
-        if height != width:
-            raise DataError(sample.rgb_path, f"expected a square image, found {height}x{width} pixels")
-        factor = size / width  # cached pixels per source pixel
-        rgb[row] = io.read_rgb(sample.rgb_path, size=size)
-        agl[row] = io.read_agl(sample.agl_path, size=size) if sample.agl_path is not None else np.nan
-        if sample.vflow_path is not None:
-            scale_px_per_m, angle[row] = io.read_vflow(sample.vflow_path)
-            scale[row] = scale_px_per_m * factor
-        gsd[row] = sample.gsd / factor
-        if sample.city not in CITIES:
-            raise DataError(sample.rgb_path, f"city {sample.city!r} is not one of {CITIES}")
-        city_index[row] = CITIES.index(sample.city)
+        try:
+            _decode_row(arrays, row, sample, size)
+        except DataError as err:
+            problems.append((err.path, err.reason))
+    if problems:
+        raise BadFilesError(tmp.parent, problems)
     rgb.flush()
     agl.flush()
     del rgb, agl
@@ -215,7 +227,9 @@ def build_cache(
         The cache, arrays opened with ``mmap_mode="r"``.
 
     Raises:
-        DataError: No samples, a source is missing or unreadable, or an image is not square.
+        BadFilesError: Sources that are missing, unreadable, undecodable or not square: every one is
+            named (the pass goes on past the first), and no entry is written.
+        DataError: No samples.
     """
     samples = list(samples)
     if not samples:

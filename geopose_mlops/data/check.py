@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from geopose_mlops.constants import AGL_TAG, CITIES, METADATA_CSV, RGB_SUFFIXES, RGB_TAG, TEST_CSV, TRAIN_CSV, VFLOW_TAG
 from geopose_mlops.data import io, layout
+from geopose_mlops.data.layout import Sample
 from geopose_mlops.errors import DataError
 
 _REQUIRED = {"train": (RGB_TAG, AGL_TAG, VFLOW_TAG), "test": (RGB_TAG,)}
@@ -30,10 +31,13 @@ class CheckReport:
     Attributes:
         counts: ``{split: {city: number of samples}}`` for the splits present.
         problems: ``(path, reason)`` for every fault found, in the order found.
+        bad_samples: Ids of the samples with at least one problem (a file with no CSV row, or a
+            data-set-wide fault such as an unreadable CSV, belongs to no sample).
     """
 
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     problems: list[tuple[Path, str]] = field(default_factory=list)
+    bad_samples: set[str] = field(default_factory=set)
 
     @property
     def ok(self) -> bool:
@@ -109,6 +113,7 @@ def _check_split(
             report.add(path, f"file has no row in {csv_path.name}")
     counts: Counter[str] = Counter()
     for sample_id, paths in tqdm(sorted(files.items()), desc=f"check {split}", unit="sample", disable=not progress):
+        problems_before = len(report.problems)
         city = sample_id.split("_")[0]
         counts[city] += 1
         for tag in _REQUIRED[split]:
@@ -138,10 +143,14 @@ def _check_split(
                     report.add(data_dir / METADATA_CSV, f"{sample_id}: city {meta_city!r}, file names say {city!r}")
                 if not (math.isfinite(gsd) and gsd > 0):
                     report.add(data_dir / METADATA_CSV, f"{sample_id}: gsd must be a positive number of m/px")
+        if len(report.problems) > problems_before:
+            report.bad_samples.add(sample_id)
     report.counts[split] = {city: counts[city] for city in CITIES if counts[city]}
 
 
-def check_dataset(data_dir: str | Path, decode: bool = True, progress: bool = False) -> CheckReport:
+def check_dataset(
+    data_dir: str | Path, decode: bool = True, progress: bool = False, splits: tuple[str, ...] = layout.SPLITS
+) -> CheckReport:
     """Validate every file of a data set and collect every problem (none stops the check).
 
     Args:
@@ -149,6 +158,7 @@ def check_dataset(data_dir: str | Path, decode: bool = True, progress: bool = Fa
         decode: Decode every raster's pixels (finds truncated files; about a second per 2048² JPEG
              2000). False reads the headers only.
         progress: Show a progress bar.
+        splits: The splits to check (``train`` is required to exist; ``test`` is checked if present).
 
     Returns:
         Counts per split and city, and ``(path, reason)`` for every problem.
@@ -167,8 +177,29 @@ def check_dataset(data_dir: str | Path, decode: bool = True, progress: bool = Fa
     if metadata == {}:
         report.add(data_dir / METADATA_CSV, "metadata.csv (id,city,gsd) is missing or empty")
         metadata = None
-    for split in layout.SPLITS:
+    for split in splits:
         if split == "test" and not (data_dir / split).is_dir():
             continue
         _check_split(report, data_dir, split, metadata, decode, progress)
     return report
+
+
+def usable_samples(data_dir: str | Path, split: str = "train") -> tuple[list[Sample], list[tuple[Path, str]]]:
+    """The samples of a split that pass the header check, and every problem the check found.
+
+    Training runs this check (headers, json, CSV and metadata; milliseconds per file) rather than a
+    full decode: the cache build decodes every source exactly once anyway and reports each file that
+    fails to decode (``cache.build_cache``), so a separate full decode would double the cost of a first
+    run and add it to every run that reuses the cache.
+
+    Returns:
+        (samples with no problem, sorted by id; ``(path, reason)`` of every problem found).
+    """
+    report = check_dataset(data_dir, decode=False, splits=(split,))
+    if report.counts.get(split) is None:  # the split folder, its CSV or metadata.csv is unreadable
+        return [], report.problems
+    try:
+        samples = layout.find_samples(data_dir, split, exclude=report.bad_samples)
+    except DataError as err:  # every sample is bad
+        return [], report.problems or [(err.path, err.reason)]
+    return samples, report.problems

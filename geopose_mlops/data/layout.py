@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,8 +136,13 @@ def list_files(data_dir: str | Path, split: str = "train") -> tuple[dict[str, di
     return _discover(folder, split), None
 
 
-def find_samples(data_dir: str | Path, split: str = "train") -> list[Sample]:
+def find_samples(data_dir: str | Path, split: str = "train", exclude: Collection[str] = ()) -> list[Sample]:
     """The samples of a split, sorted by id, with gsd from metadata.csv where present.
+
+    Args:
+        data_dir: The data set (SPEC §2).
+        split: ``train`` or ``test``.
+        exclude: Sample ids to leave out (e.g. the bad ones ``check.usable_samples`` found).
 
     Raises:
         DataError: The split folder is missing, a CSV is malformed, or a sample lacks a required file
@@ -147,6 +153,8 @@ def find_samples(data_dir: str | Path, split: str = "train") -> list[Sample]:
     required = (RGB_TAG, AGL_TAG, VFLOW_TAG) if split == "train" else (RGB_TAG,)
     samples = []
     for sample_id, paths in sorted(files.items()):
+        if sample_id in exclude:
+            continue
         for tag in required:
             if tag not in paths:
                 raise DataError(Path(data_dir) / split, f"sample {sample_id} has no {tag} file")

@@ -118,6 +118,19 @@ class GeoposeModel(nn.Module):
         return {AGL: height, MAG: mag, XYDIR: xydir, SCALE: fit_scale(mag, height)}
 
 
+def validate_model_config(config: ModelConfig) -> None:
+    """Check the decoder, encoder and weights names without building anything (milliseconds).
+
+    Commands call this before they create a tracked run, so a typo fails with nothing written.
+
+    Raises:
+        ConfigError: As ``build_model`` for an unknown decoder or encoder or unavailable weights.
+    """
+    _decoder_class(config.decoder)
+    _check_encoder_name(config.encoder)
+    _resolve_weights(config.encoder, config.encoder_weights)
+
+
 def build_model(config: ModelConfig) -> GeoposeModel:
     """Build the model a ``ModelConfig`` describes.
 

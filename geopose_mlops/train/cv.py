@@ -27,10 +27,10 @@ from tqdm import tqdm
 from geopose_mlops.config import TrainConfig, load_json_config
 from geopose_mlops.constants import DEFAULT_EXPERIMENT, FOLDS_CSV
 from geopose_mlops.data.cache import SampleCache, build_cache
+from geopose_mlops.data.check import usable_samples
 from geopose_mlops.data.dataset import GeoposeDataset
 from geopose_mlops.data.folds import make_folds, read_folds
-from geopose_mlops.data.layout import find_samples
-from geopose_mlops.errors import ConfigError, GeoposeError
+from geopose_mlops.errors import BadFilesError, ConfigError, DataError, GeoposeError
 from geopose_mlops.train import distributed, loop
 from geopose_mlops.train.checkpoint import BEST_NAME, LAST_NAME, load_checkpoint, save_checkpoint
 from geopose_mlops.train.oof import score_oof_folders
@@ -41,10 +41,17 @@ EpochCallback = Callable[[int, int, dict[str, float]], None]
 
 @dataclass
 class PreparedData:
-    """The samples decoded into the cache and their folds (a table with columns id, city, fold)."""
+    """The samples decoded into the cache and their folds (a table with columns id, city, fold).
+
+    Attributes:
+        cache: The decoded samples.
+        folds_table: Columns id, city, fold.
+        skipped: ``(file, reason)`` of every bad file left out (``skip_bad``); empty otherwise.
+    """
 
     cache: SampleCache
     folds_table: pd.DataFrame
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -92,20 +99,67 @@ def folds_table_for(samples: list, data_dir: str | Path, k: int, seed: int) -> p
 def prepare_data(
     config: TrainConfig, cache_root: str | Path | None = None, folds_table: pd.DataFrame | None = None
 ) -> PreparedData:
-    """Find the training samples, build or reuse their cache, and assign folds (unless given)."""
-    samples = find_samples(config.data_dir, "train")
-    cache = build_cache(samples, cache_root, config.image_size)
+    """Check the training samples, build or reuse their cache, and assign folds (unless given).
+
+    Every bad file is found before anything is trained: the header check (``check.usable_samples``)
+    names missing, empty, mis-sized and malformed files, and the cache build names every file that
+    fails to decode. With ``config.skip_bad`` the samples they belong to are left out and listed in
+    ``PreparedData.skipped``; otherwise nothing is trained.
+
+    Raises:
+        BadFilesError: Bad files and ``skip_bad`` off (every file named), or no good sample left.
+        ConfigError: Fewer good samples than folds.
+    """
+    samples, problems = usable_samples(config.data_dir, "train")
+    if folds_table is not None:  # a resumed run trains on the samples it started with
+        wanted = set(folds_table["id"])
+        missing = wanted - {s.sample_id for s in samples}
+        samples = [s for s in samples if s.sample_id in wanted]
+        problems += [
+            (Path(config.data_dir), f"sample {m} of the run's folds.csv is bad or gone") for m in sorted(missing)
+        ]
+    try:
+        cache = build_cache(samples, cache_root, config.image_size) if samples else None
+    except BadFilesError as err:
+        problems += err.problems
+        cache = None
+    if problems and not config.skip_bad:
+        raise BadFilesError(config.data_dir, problems)
+    if cache is None:
+        bad_paths = {path for path, _ in problems}
+        samples = [s for s in samples if not bad_paths & {s.rgb_path, s.agl_path, s.vflow_path}]
+        if not samples:
+            raise BadFilesError(config.data_dir, problems or [(Path(config.data_dir), "no samples")])
+        cache = build_cache(samples, cache_root, config.image_size)
     if folds_table is None:
-        folds_table = folds_table_for(samples, config.data_dir, config.k, config.seed)
-    return PreparedData(cache=cache, folds_table=folds_table)
+        try:
+            folds_table = folds_table_for(samples, config.data_dir, config.k, config.seed)
+        except ValueError as err:
+            raise ConfigError(f"k={config.k}: {err} (after leaving out {len(problems)} bad file(s))") from err
+    return PreparedData(cache=cache, folds_table=folds_table, skipped=problems)
 
 
 def _resume_state(tracker, run_id: str, local_dir: Path) -> dict | None:
-    """The last checkpoint of a fold run: its artifact, else the local copy; None if neither exists."""
-    path = tracker.download_checkpoint(run_id, LAST_NAME, local_dir / "download")
-    if path is None and (local_dir / LAST_NAME).is_file():
-        path = local_dir / LAST_NAME
-    return load_checkpoint(path) if path is not None else None
+    """The last checkpoint of a fold run: its artifact, else the local copy; None if neither exists.
+
+    A process killed while it copied ``last.pt`` into a local artifact store can leave that copy cut
+    short; the local checkpoint (written atomically) is then used instead.
+
+    Raises:
+        DataError: Checkpoints exist but none can be read (each is named).
+    """
+    candidates = [tracker.download_checkpoint(run_id, LAST_NAME, local_dir / "download"), local_dir / LAST_NAME]
+    errors = []
+    for path in candidates:
+        if path is None or not Path(path).is_file():
+            continue
+        try:
+            return load_checkpoint(path)
+        except DataError as err:
+            errors.append(str(err))
+    if errors:
+        raise DataError(local_dir, f"fold run {run_id}: no readable last checkpoint ({'; '.join(errors)})")
+    return None
 
 
 def _upload_epoch(
@@ -186,6 +240,7 @@ def train_fold(
     """
     from geopose_mlops.models.factory import build_model
     from geopose_mlops.models.losses import build_loss
+    from geopose_mlops.tracking_store import is_store_error
 
     context = context or distributed.DistributedContext(device=device or default_device())
     device = context.device
@@ -294,9 +349,16 @@ def train_fold(
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except Exception as err:
+        if is_store_error(err):
+            status = ""  # the store is down: the run stays RUNNING until it is resumed
+        raise
     finally:
-        uploads.close()
-        tracker.end_run(fold_run_id, status)
+        try:
+            uploads.close()
+        finally:
+            if status:
+                tracker.end_run(fold_run_id, status)
     return FoldResult(run_id=fold_run_id, best_score=best_score, best_epoch=best_epoch)
 
 
@@ -337,10 +399,16 @@ def run_cross_validation(
     Returns:
         The parent run id, ``cv_score``, per-city scores and the folds' results.
     """
+    from geopose_mlops.models.factory import validate_model_config
     from geopose_mlops.tracking import CvTracker
+    from geopose_mlops.tracking_store import check_tracking_store
 
+    if not resume_run_id:
+        validate_model_config(config.model)  # an unknown encoder fails before any run exists
     context = distributed.init_distributed(str(device) if device is not None else None)
     try:
+        if context.is_main:
+            check_tracking_store()
         return _run_cross_validation(
             config, experiment, resume_run_id, parent_run_id, run_id, tags, on_epoch_end, cache_root, work_dir,
             progress and context.is_main, context, CvTracker(experiment) if context.is_main else None,
@@ -363,6 +431,8 @@ def _run_cross_validation(
     context: distributed.DistributedContext,
     tracker,
 ) -> CvResult:
+    from geopose_mlops.tracking_store import is_store_error, store_error
+
     tracker = distributed.MainRankTracker(tracker, context)
     folds_table = None
     existing: dict = {}
@@ -388,6 +458,8 @@ def _run_cross_validation(
     if not resume_run_id:
         tracker.log_config(cv_run_id, config)
         tracker.log_data(cv_run_id, data.folds_table, config.data_dir, data.cache.fingerprint)
+        if data.skipped:
+            tracker.log_skipped_files(cv_run_id, data.skipped)
     with tempfile.TemporaryDirectory(prefix="geopose-cv-") as tmp:
         root = Path(work_dir) if work_dir is not None else Path(tmp)
         results: dict[int, FoldResult] = {}
@@ -417,8 +489,19 @@ def _run_cross_validation(
                 scores = score_oof_folders(oof_dirs)
                 tracker.log_cv_scores(cv_run_id, scores)
             scores = distributed.broadcast_from_main(scores, context)
-        except BaseException:
-            tracker.end_run(cv_run_id, "FAILED")
+        except BaseException as err:
+            if is_store_error(err):  # the store is down: closing the run would fail (after retries) too
+                kept = (
+                    f"local checkpoints are in {root / cv_run_id}"
+                    if work_dir is not None
+                    else ("no local copy was kept (use --work-dir)")
+                )
+                raise store_error(
+                    err,
+                    f"cv run {cv_run_id} is left open; {kept}. Once the store is back: "
+                    f"geopose-ml train --data-dir {config.data_dir} --resume {cv_run_id}",
+                ) from err
+            tracker.end_run(cv_run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
             raise
     tracker.end_run(cv_run_id, "FINISHED")
     city_scores = {city: values["score"] for city, values in scores["cities"].items()}
