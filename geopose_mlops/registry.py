@@ -35,6 +35,7 @@ from geopose_mlops.tracking import FINGERPRINT_PARAM, CvTracker, code_version
 
 ENSEMBLE_RUN_TAG = "geopose.ensemble_run_id"
 ENSEMBLE_JSON = "ensemble.json"
+CANDIDATE_TAG_PREFIX = "geopose.candidate."  # + alias: the version was promoted for that alias
 
 
 def _experiment_ids(client: MlflowClient, experiment: str) -> list[str]:
@@ -213,10 +214,12 @@ def promote(
     """Register the ensemble as a model version and move ``alias`` to it.
 
     Promoting the same ensemble run again reuses its version. The alias moves only to a version at
-    least as good (``oof_score``) as the current holder, unless ``force``.
+    least as good (``oof_score``) as the current holder, unless ``force``; concurrent calls leave it on
+    the best version promoted (``_settle_alias``). A version gets the alias only once registered, so
+    the alias never points at a version whose artifacts failed to upload.
 
     Returns:
-        (version, whether a new version was created).
+        (version now holding the alias, whether a new version was created).
 
     Raises:
         GeoposeError: The ensemble scores below the alias's current holder (both scores named).
@@ -245,8 +248,35 @@ def promote(
         version = existing[0].version
     else:
         version = _register(client, run, name, score)
+    candidate = f"{CANDIDATE_TAG_PREFIX}{alias}"
+    if force:  # a forced promotion starts the alias's history anew: earlier candidates no longer count
+        for other in _versions(client, name):
+            if other.tags.get(candidate) == "true" and other.version != version:
+                client.delete_model_version_tag(name, other.version, candidate)
+    client.set_model_version_tag(name, version, candidate, "true")
     client.set_registered_model_alias(name, alias, version)
-    return version, created
+    return _settle_alias(client, name, alias) if not force else version, created
+
+
+def _versions(client: MlflowClient, name: str) -> list:
+    return client.search_model_versions(f"name = '{name}'")
+
+
+def _settle_alias(client: MlflowClient, name: str, alias: str) -> str:
+    """Point ``alias`` at the best READY candidate version; return that version.
+
+    Two ``promote`` calls at once can both pass the gate on a stale read of the holder; whichever sets
+    the alias last would win. Each call therefore re-reads every version promoted for this alias (tag
+    ``geopose.candidate.<alias>``, set before the alias moves, only on fully registered versions) and
+    moves the alias to the highest ``oof_score``: the last call to finish leaves it on the best.
+    """
+    candidate = f"{CANDIDATE_TAG_PREFIX}{alias}"
+    ready = [
+        v for v in _versions(client, name) if v.tags.get(candidate) == "true" and str(v.status) == "READY"
+    ]
+    best = max(ready, key=lambda v: (float(v.tags.get("oof_score", "-inf")), int(v.version)))
+    client.set_registered_model_alias(name, alias, best.version)
+    return str(best.version)
 
 
 def _register(client: MlflowClient, run: mlflow.entities.Run, name: str, score: float) -> str:

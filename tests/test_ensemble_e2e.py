@@ -10,6 +10,7 @@ import mlflow
 import pytest
 import torch
 from click.testing import CliRunner
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from geopose_mlops.cli import main
@@ -113,3 +114,20 @@ def test_fit_promote_predict_evaluate(tmp_path, monkeypatch) -> None:
     forced = runner.invoke(main, ["promote", "--ensemble", worse_id, "--experiment", "e2e", "--force"])
     assert forced.exit_code == 0, forced.output
     assert client.get_model_version_by_alias("geopose-ensemble", "champion").tags["geopose.ensemble_run_id"] == worse_id
+
+    # Back to the better ensemble, then a promote of the worse one that read the holder before any
+    # alias existed (as a concurrent call can): the gate passes on the stale read, and the alias still
+    # ends on the better version because each promote settles it on the best candidate.
+    restored = runner.invoke(main, ["promote", "--ensemble", best.info.run_id, "--experiment", "e2e"])
+    assert restored.exit_code == 0, restored.output
+    best_version = client.get_model_version_by_alias("geopose-ensemble", "champion").version
+
+    def stale_read(self, name, alias):
+        raise MlflowException("no alias yet (stale read)")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(MlflowClient, "get_model_version_by_alias", stale_read)
+        raced = runner.invoke(main, ["promote", "--ensemble", worse_id, "--experiment", "e2e"])
+    assert raced.exit_code == 0, raced.output
+    holder = client.get_model_version_by_alias("geopose-ensemble", "champion")
+    assert holder.version == best_version and holder.tags["geopose.ensemble_run_id"] == best.info.run_id
