@@ -8,7 +8,7 @@ the same loss (``mse``, the baseline's) on the same batches from the same DataLo
   and ``loss.item()`` for the running log (smp's ``TrainEpoch`` reads the loss every batch).
 - **ours**: ``train.loop.train_one_epoch`` as training runs it: ``loop.memory_format`` (channels_last on CUDA),
   ``make_precision(amp=True)`` (bf16 autocast on CUDA where supported, fp16 + GradScaler otherwise;
-  plain fp32 on CPU), ``build_optimizer`` (AdamW, fused kernel on CUDA), gradient clipping, the
+  plain fp32 on CPU), ``build_optimizer`` (fused AdamW), gradient clipping, the
   learning-rate schedule and the non-finite-loss check.
 
 Goals: on CPU ours >= 1.0x (no slower). On CUDA: >= 2.5x, and >= 60 images/s at 1024² on an
