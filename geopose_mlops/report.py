@@ -190,6 +190,7 @@ def plot_validation_curves(runs: Sequence[CvRun], path: Path) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    lowest = 0.0
     for run in runs:
         by_step: dict[int, list[float]] = {}
         for fold in run.folds:
@@ -203,8 +204,15 @@ def plot_validation_curves(runs: Sequence[CvRun], path: Path) -> Path:
         line = ax.plot(epochs, means, marker="o", label=f"{architecture_label(run)} ({len(run.folds)} folds)")[0]
         lows, highs = [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps]
         ax.fill_between(epochs, lows, highs, color=line.get_color(), alpha=0.2)
+        lowest = min(lowest, min(means))
+    # R² is unbounded below: one diverging early epoch (-1e4) would flatten every other curve, so the
+    # axis stops at -1 (values below it are drawn off the chart) and says so.
+    if lowest < -1.0:
+        ax.set_ylim(bottom=-1.0, top=1.0)
+        ax.set_ylabel("val_score (axis clipped at -1)")
+    else:
+        ax.set_ylabel("val_score")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("val_score")
     ax.set_title("Validation score per epoch: mean over folds (line), min-max over folds (band)", fontsize=10)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
