@@ -127,6 +127,10 @@ class TrainConfig:
         loss: ``mse`` (baseline), ``r2`` (per-city R², 1st place) or ``huber_cos`` (2nd place).
         num_workers: DataLoader workers.
         augment: Apply the training augmentations.
+        checkpoint_interval_s: Upload ``last.pt`` (and a new ``best.pt`` with its ``oof/``) at most this
+            often, seconds, and always after the last epoch or when training stops; metrics are logged
+            every epoch. A SIGKILL loses at most this much training: resume retrains it and does not
+            log those epochs again. 0: upload every epoch.
         skip_bad: Train on the good samples when some files are bad (the skipped files are logged as
             ``skipped_files.csv`` on the cv run); off: bad files stop the run before it starts.
     """
@@ -148,6 +152,7 @@ class TrainConfig:
     num_workers: int = 0
     augment: bool = True
     skip_bad: bool = False
+    checkpoint_interval_s: float = 120.0
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")

@@ -82,11 +82,32 @@ def run_params(config: TrainConfig, data_fingerprint: str) -> dict[str, str]:
     }
 
 
+def default_artifact_location(name: str) -> str | None:
+    """Where a new experiment's artifacts go: beside a local SQLite store, else the server's choice.
+
+    MLflow's own default for a SQLite store is ``./mlruns`` relative to whatever folder a command runs
+    in, which scatters checkpoints over working directories; ``sqlite:///.../mlflow.db`` keeps them in
+    ``.../mlartifacts/<experiment>`` instead.
+    """
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    if not database.is_absolute():
+        database = Path.cwd() / database
+    return (database.parent / "mlartifacts" / name).as_uri()
+
+
 def ensure_experiment(name: str, artifact_location: str | None = None) -> str:
-    """The id of experiment ``name``, created with ``artifact_location`` if it does not exist yet."""
+    """The id of experiment ``name``, created with ``artifact_location`` if it does not exist yet.
+
+    With no ``artifact_location``, ``default_artifact_location`` decides.
+    """
     client = MlflowClient()
     found = client.get_experiment_by_name(name)
-    return found.experiment_id if found else client.create_experiment(name, artifact_location=artifact_location)
+    if found is not None:
+        return found.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location or default_artifact_location(name))
 
 
 class CvTracker:
@@ -118,7 +139,7 @@ class CvTracker:
         """The experiment's id (it is created on first use)."""
         if self._experiment_id is None:
             found = self.client.get_experiment_by_name(self.experiment_name)
-            self._experiment_id = found.experiment_id if found else self.client.create_experiment(self.experiment_name)
+            self._experiment_id = found.experiment_id if found else ensure_experiment(self.experiment_name)
         return self._experiment_id
 
     # --- runs ---------------------------------------------------------------------------------------

@@ -151,3 +151,13 @@ def test_killed_and_resumed_fold_logs_every_epoch_once(data_dir, tmp_path, monke
     assert client.get_run(fold_run.info.run_id).info.status == "FINISHED"
     assert result.run_id == fold_run.data.tags["mlflow.parentRunId"]
     assert result.folds[0].run_id == fold_run.info.run_id
+
+
+def test_experiments_of_a_sqlite_store_keep_artifacts_beside_it(tmp_path, monkeypatch) -> None:
+    from geopose_mlops.tracking import ensure_experiment
+
+    monkeypatch.chdir(tmp_path)  # MLflow's own default would be ./mlruns here
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/store/mlflow.db")
+    (tmp_path / "store").mkdir()
+    experiment = MlflowClient().get_experiment(ensure_experiment("beside"))
+    assert experiment.artifact_location == (tmp_path / "store" / "mlartifacts" / "beside").as_uri()

@@ -3,9 +3,12 @@
 ``run_cross_validation`` opens (or adopts, or resumes) the parent run, trains every selected fold in its
 own nested run and logs ``cv_score`` over all folds' out-of-fold files as stored. ``train_fold`` is one
 fold on its own, for callers (the tuner) that drive folds themselves. Per epoch, in this order: train,
-validate, store ``best.pt`` and ``oof/`` when the score improved, store ``last.pt``, log the metrics,
-call ``on_epoch_end``. A run killed at any point resumes from ``last.pt`` with no epoch lost or logged
-twice: the checkpoint carries its epoch's metrics, logged on resume if the kill came before they were.
+validate, write ``best.pt`` and ``oof/`` (when the score improved) and ``last.pt`` locally, upload them
+when ``checkpoint_interval_s`` has passed or the fold ends or stops, log the metrics, call
+``on_epoch_end``; uploads run in a background thread while the next epoch trains. A run killed at any
+point resumes from the stored ``last.pt`` with no epoch missing from the log or logged twice: epochs
+after it are trained again without being logged again, and the checkpoint carries its own epoch's
+metrics, logged on resume if the kill came before they were.
 """
 
 from __future__ import annotations
@@ -162,16 +165,36 @@ def _resume_state(tracker, run_id: str, local_dir: Path) -> dict | None:
     return None
 
 
-def _upload_epoch(
-    tracker, run_id: str, epoch: int, metrics: dict, best: Path | None, oof_dir: Path | None, last: Path
-) -> None:
-    """One epoch's records, in the order resume relies on: best.pt and oof/, then last.pt, then metrics."""
-    if best is not None:
-        tracker.log_checkpoint(run_id, best)
-    if oof_dir is not None:
-        tracker.log_oof(run_id, oof_dir)
-    tracker.log_checkpoint(run_id, last)
-    tracker.log_epoch(run_id, epoch, metrics)
+@dataclass
+class UnsentFiles:
+    """Checkpoint files written locally since the last upload (None: nothing new of that kind)."""
+
+    best: Path | None = None
+    oof: Path | None = None
+    last: Path | None = None
+
+    def take(self) -> UnsentFiles:
+        """Return the pending files and forget them."""
+        taken = UnsentFiles(self.best, self.oof, self.last)
+        self.best = self.oof = self.last = None
+        return taken
+
+
+def _upload_files(tracker, run_id: str, files: UnsentFiles) -> None:
+    """best.pt and oof/ first, then last.pt: a stored last.pt never points past the stored best.pt."""
+    if files.best is not None:
+        tracker.log_checkpoint(run_id, files.best)
+    if files.oof is not None:
+        tracker.log_oof(run_id, files.oof)
+    if files.last is not None:
+        tracker.log_checkpoint(run_id, files.last)
+
+
+def _upload_epoch(tracker, run_id: str, epoch: int, metrics: dict | None, files: UnsentFiles) -> None:
+    """One epoch's records, in the order resume relies on: checkpoint files, then the metrics."""
+    _upload_files(tracker, run_id, files)
+    if metrics is not None:
+        tracker.log_epoch(run_id, epoch, metrics)
 
 
 class EpochUploads:
@@ -268,7 +291,8 @@ def train_fold(
     optimizer = loop.build_optimizer(model, config.lr, config.weight_decay)
     loss_fn = build_loss(config.loss)
     start_epoch, best_score, best_epoch = 0, -math.inf, -1
-    state = _resume_state(tracker, fold_run_id, work_dir) if fold_run_id and context.is_main else None
+    resuming = fold_run_id is not None
+    state = _resume_state(tracker, fold_run_id, work_dir) if resuming and context.is_main else None
     state = distributed.broadcast_from_main(state, context)
     if fold_run_id is None:
         fold_run_id = tracker.start_fold_run(cv_run_id, fold, config, data.cache.fingerprint)
@@ -302,6 +326,11 @@ def train_fold(
 
     status = "FAILED"
     uploads = EpochUploads()
+    unsent = UnsentFiles()
+    # On resume from an older last.pt, epochs after it were logged by the interrupted run: they are
+    # trained again (same seeds) but not logged twice.
+    logged = set(tracker.logged_epochs(fold_run_id)) if resuming and context.is_main else set()
+    last_upload = time.monotonic()
     try:
         epochs = range(start_epoch, config.epochs)
         for epoch in tqdm(epochs, desc=f"fold {fold}", disable=not progress, unit="epoch"):
@@ -334,10 +363,18 @@ def train_fold(
             if context.is_main:  # the other ranks hold the same weights and no predictions to store
                 uploads.wait()  # the files below are rewritten: the last epoch's upload must be done
                 checkpoint = (optimizer, precision.scaler, config, fold, epoch, best_score, best_epoch)
-                best = save_checkpoint(work_dir / BEST_NAME, model, *checkpoint) if improved else None
-                oof_dir = oof.save(work_dir / "oof") if improved else None
-                last = save_checkpoint(work_dir / LAST_NAME, model, *checkpoint, metrics)
-                uploads.submit(_upload_epoch, tracker, fold_run_id, epoch, metrics, best, oof_dir, last)
+                if improved:
+                    unsent.best = save_checkpoint(work_dir / BEST_NAME, model, *checkpoint)
+                    unsent.oof = oof.save(work_dir / "oof")
+                unsent.last = save_checkpoint(work_dir / LAST_NAME, model, *checkpoint, metrics)
+                # Checkpoints are large (a ResNet U-Net with AdamW state: ~170 MB): upload them every
+                # checkpoint_interval_s and after the last epoch, not after every short epoch.
+                due = epoch == config.epochs - 1 or time.monotonic() - last_upload >= config.checkpoint_interval_s
+                files = unsent.take() if due else UnsentFiles()
+                if due:
+                    last_upload = time.monotonic()
+                to_log = None if epoch in logged else metrics
+                uploads.submit(_upload_epoch, tracker, fold_run_id, epoch, to_log, files)
             status = "KILLED"  # an exception from the callback is the caller's decision to stop
             if on_epoch_end is not None:
                 uploads.wait()  # the callback (tuning) logs too: one writer at a time
@@ -355,6 +392,9 @@ def train_fold(
         raise
     finally:
         try:
+            if status != "FINISHED" and status and unsent.last is not None:
+                # stopped early (error, signal, pruning): keep the last good checkpoint in the store
+                uploads.submit(_upload_files, tracker, fold_run_id, unsent.take())
             uploads.close()
         finally:
             if status:
