@@ -84,7 +84,8 @@ def flatten_dict(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def _check(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
+    """Raise ``ConfigError(message)`` unless ``condition`` holds (range checks of every config)."""
     if not condition:
         raise ConfigError(message)
 
@@ -155,21 +156,21 @@ class TrainConfig:
     checkpoint_interval_s: float = 120.0
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
-        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        _check(1 <= self.batch_size <= 128, f"batch_size must be in [1, 128], got {self.batch_size}")
+        require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        require(1 <= self.batch_size <= 128, f"batch_size must be in [1, 128], got {self.batch_size}")
         eff = self.effective_batch_size
         if eff is not None:
-            _check(
+            require(
                 1 <= eff <= 128 and eff >= self.batch_size and eff % self.batch_size == 0,
                 f"effective_batch_size must be in [1, 128] and a multiple of batch_size={self.batch_size}, "
                 f"got {eff}",
             )
-        _check(self.image_size >= 16, f"image_size must be >= 16 px, got {self.image_size}")
-        _check(self.k >= 2, f"k must be >= 2 folds, got {self.k}")
+        require(self.image_size >= 16, f"image_size must be >= 16 px, got {self.image_size}")
+        require(self.k >= 2, f"k must be >= 2 folds, got {self.k}")
         if self.folds is not None:
             bad = [f for f in self.folds if not 0 <= f < self.k]
-            _check(not bad, f"folds {bad} out of range: with k={self.k} folds are 0..{self.k - 1}")
+            require(not bad, f"folds {bad} out of range: with k={self.k} folds are 0..{self.k - 1}")
 
     @property
     def accumulation_steps(self) -> int:

@@ -118,11 +118,6 @@ class EnsemblePredictor:
         return {"agl": np.mean(heights, axis=0), "scale": np.mean(scales, axis=0), "angle": np.arctan2(sines, cosines)}
 
 
-def _gsd_and_city(sample: Sample, metadata: dict[str, tuple[str, float]]) -> tuple[float, str]:
-    city, gsd = metadata.get(sample.sample_id, (sample.city, math.nan))
-    return gsd, city
-
-
 def find_images(images_dir: str | Path) -> list[Sample]:
     """The RGB images of a folder: ``DATA/test`` (with DATA's CSVs and metadata) or any flat folder."""
     images_dir = Path(images_dir)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from geopose_mlops.config import TrainConfig, from_dict
+from geopose_mlops.config import TrainConfig, from_dict, require
 from geopose_mlops.constants import DEFAULT_EXPERIMENT
 from geopose_mlops.errors import ConfigError
 
@@ -26,11 +26,6 @@ PRUNERS = ("median", "hyperband", "none")
 OBJECTIVES = ("fold0", "cv")
 BATCH_SCALES = ("log", "pow2")
 LR_BOUNDS = (1e-8, 1.0)  # the widest learning-rate range a study may search
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
 
 
 @dataclass(frozen=True)
@@ -49,7 +44,7 @@ class LearningRateRange:
 
     def __post_init__(self) -> None:
         lo, hi = LR_BOUNDS
-        _check(
+        require(
             lo <= self.low < self.high <= hi,
             f"search_space.lr: need {lo:g} <= low < high <= {hi:g}, got low={self.low!r} high={self.high!r}",
         )
@@ -73,15 +68,15 @@ class BatchSizeRange:
     max_micro_batch: int = 8
 
     def __post_init__(self) -> None:
-        _check(
+        require(
             1 <= self.low <= self.high <= 128,
             f"search_space.effective_batch_size: need 1 <= low <= high <= 128, got low={self.low} high={self.high}",
         )
-        _check(self.scale in BATCH_SCALES, f"search_space.effective_batch_size.scale: one of {BATCH_SCALES}")
+        require(self.scale in BATCH_SCALES, f"search_space.effective_batch_size.scale: one of {BATCH_SCALES}")
         if self.scale == "pow2":
             bad = [v for v in (self.low, self.high) if v & (v - 1)]
-            _check(not bad, f"search_space.effective_batch_size: with scale pow2, {bad} are not powers of two")
-        _check(
+            require(not bad, f"search_space.effective_batch_size: with scale pow2, {bad} are not powers of two")
+        require(
             1 <= self.max_micro_batch <= 128,
             f"search_space.effective_batch_size.max_micro_batch must be in [1, 128], got {self.max_micro_batch}",
         )
@@ -110,8 +105,8 @@ class SamplerConfig:
     n_startup_trials: int = 10
 
     def __post_init__(self) -> None:
-        _check(self.name in SAMPLERS, f"sampler.name: expected one of {SAMPLERS}, got {self.name!r}")
-        _check(self.n_startup_trials >= 0, f"sampler.n_startup_trials must be >= 0, got {self.n_startup_trials}")
+        require(self.name in SAMPLERS, f"sampler.name: expected one of {SAMPLERS}, got {self.name!r}")
+        require(self.n_startup_trials >= 0, f"sampler.n_startup_trials must be >= 0, got {self.n_startup_trials}")
 
 
 @dataclass(frozen=True)
@@ -133,9 +128,9 @@ class PrunerConfig:
     reduction_factor: int = 3
 
     def __post_init__(self) -> None:
-        _check(self.name in PRUNERS, f"pruner.name: expected one of {PRUNERS}, got {self.name!r}")
-        _check(self.n_startup_trials >= 0 and self.n_warmup_steps >= 0, "pruner: startup/warm-up counts must be >= 0")
-        _check(self.min_resource >= 1 and self.reduction_factor >= 2, "pruner: need min_resource >= 1, factor >= 2")
+        require(self.name in PRUNERS, f"pruner.name: expected one of {PRUNERS}, got {self.name!r}")
+        require(self.n_startup_trials >= 0 and self.n_warmup_steps >= 0, "pruner: startup/warm-up counts must be >= 0")
+        require(self.min_resource >= 1 and self.reduction_factor >= 2, "pruner: need min_resource >= 1, factor >= 2")
 
 
 @dataclass(frozen=True)
@@ -176,19 +171,19 @@ class StudyConfig:
     sqlite_timeout: float = 60.0
 
     def __post_init__(self) -> None:
-        _check(
+        require(
             bool(re.fullmatch(r"[\w.-]+", self.study_name)),
             f"study_name: letters, digits and _.- only, got {self.study_name!r}",
         )
-        _check(self.direction in ("maximize", "minimize"), f"direction: maximize or minimize, got {self.direction!r}")
-        _check(self.objective in OBJECTIVES, f"objective: expected one of {OBJECTIVES}, got {self.objective!r}")
-        _check(self.n_trials >= 1, f"n_trials must be >= 1, got {self.n_trials}")
-        _check(self.heartbeat_interval >= 1, f"heartbeat_interval must be >= 1 s, got {self.heartbeat_interval}")
-        _check(
+        require(self.direction in ("maximize", "minimize"), f"direction: maximize or minimize, got {self.direction!r}")
+        require(self.objective in OBJECTIVES, f"objective: expected one of {OBJECTIVES}, got {self.objective!r}")
+        require(self.n_trials >= 1, f"n_trials must be >= 1, got {self.n_trials}")
+        require(self.heartbeat_interval >= 1, f"heartbeat_interval must be >= 1 s, got {self.heartbeat_interval}")
+        require(
             self.grace_period > self.heartbeat_interval,
             f"grace_period ({self.grace_period} s) must exceed heartbeat_interval ({self.heartbeat_interval} s)",
         )
-        _check(self.max_retry >= 0 and self.sqlite_timeout > 0, "max_retry must be >= 0 and sqlite_timeout > 0")
+        require(self.max_retry >= 0 and self.sqlite_timeout > 0, "max_retry must be >= 0 and sqlite_timeout > 0")
 
 
 def _check_types(cls: type, values: Any, where: str) -> None:
