@@ -107,7 +107,12 @@ def _train_options(command):
         ),
         click.option("--image-size", default=512, show_default=True, type=int, help="Training side, pixels."),
         click.option("--crop-size", type=int, help="Random-crop side in training, px (default or 0: no crop)."),
-        click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision on CUDA."),
+        click.option(
+            "--amp/--no-amp",
+            default=True,
+            show_default=True,
+            help="Mixed precision: bf16 (fp16 on GPUs without it) on CUDA, bf16 on CPUs with bf16 instructions.",
+        ),
         click.option("--k", default=5, show_default=True, type=int, help="Number of folds."),
         click.option("--seed", default=0, show_default=True, type=int, help="Seed of folds, weights, augmentation."),
         click.option(

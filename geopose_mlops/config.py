@@ -121,7 +121,8 @@ class TrainConfig:
             multiple of ``batch_size`` (None: equal to it).
         image_size: Side in pixels that images are decoded to in the cache (and trained at).
         crop_size: Random-crop side during training (None: no crop).
-        amp: Mixed precision on CUDA (bf16 where supported, else fp16 with a GradScaler).
+        amp: Mixed precision: on CUDA bf16 where supported, else fp16 with a GradScaler; on a CPU with
+            bf16 instructions (AVX512-BF16, AMX) bf16; fp32 elsewhere. Fold runs log what ran as ``precision``.
         k: Number of folds.
         folds: Folds to run (None: all).
         seed: Seed for folds, weights and augmentation.

@@ -61,6 +61,10 @@ def _effective_batch_size(run: CvRun) -> str:
 
 
 def _precision(run: CvRun) -> str:
+    """What the folds trained in (their ``precision`` param); runs from before it was logged: the amp flag."""
+    found = sorted({fold.params["precision"] for fold in run.folds if fold.params.get("precision")})
+    if found:
+        return "/".join(found)
     return "amp" if run.param("amp").lower() in ("true", "1") else "fp32"
 
 

@@ -17,6 +17,8 @@ import math
 import os
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -122,6 +124,7 @@ class CvTracker:
         self.experiment_name = experiment
         self._experiment_id: str | None = None
         self._client: MlflowClient | None = None
+        self._artifact_dirs: dict[str, Path | None] = {}
 
     @property
     def client(self) -> MlflowClient:
@@ -222,8 +225,14 @@ class CvTracker:
                 return run.info.run_id
         return None
 
-    def start_fold_run(self, cv_run_id: str, fold: int, config: TrainConfig, data_fingerprint: str) -> str:
-        """Create the nested run of one fold with the parent's params plus ``fold``."""
+    def start_fold_run(
+        self, cv_run_id: str, fold: int, config: TrainConfig, data_fingerprint: str, precision: str | None = None
+    ) -> str:
+        """Create the nested run of one fold with the parent's params plus ``fold`` and ``precision``.
+
+        ``precision`` is what the fold really trains in (``bf16``, ``fp16``, ``fp32``): the ``amp``
+        param is only the request, and its effect depends on the device.
+        """
         tags = {
             KIND_TAG: KIND_FOLD,
             FOLD_TAG: str(fold),
@@ -232,6 +241,8 @@ class CvTracker:
         }
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"fold-{fold}")
         params = {**run_params(config, data_fingerprint), "fold": str(fold)}
+        if precision is not None:
+            params["precision"] = precision
         self._log(run.info.run_id, params=params)
         return run.info.run_id
 
@@ -334,12 +345,27 @@ class CvTracker:
     # --- artifacts ----------------------------------------------------------------------------------
 
     def log_checkpoint(self, run_id: str, path: Path) -> None:
-        """Upload a checkpoint file under ``checkpoints/`` (same name; replaces the previous one)."""
-        self.client.log_artifact(run_id, str(path), CHECKPOINT_DIR)
+        """Store a checkpoint file under ``checkpoints/`` (same name; replaces the previous one).
+
+        Into a local artifact folder on the same file system the file is hard-linked, not copied
+        (see ``_link_into``); elsewhere MLflow uploads it.
+        """
+        local = self._local_artifact_dir(run_id)
+        if local is None or not _link_into(local / CHECKPOINT_DIR, [Path(path)]):
+            self.client.log_artifact(run_id, str(path), CHECKPOINT_DIR)
 
     def log_oof(self, run_id: str, folder: Path) -> None:
-        """Upload the files of an ``oof/`` folder under ``oof/``."""
-        self.client.log_artifacts(run_id, str(folder), OOF_DIR)
+        """Store the files of an ``oof/`` folder under ``oof/`` (hard links where possible, as above)."""
+        local = self._local_artifact_dir(run_id)
+        files = sorted(p for p in Path(folder).iterdir() if p.is_file())
+        if local is None or not _link_into(local / OOF_DIR, files):
+            self.client.log_artifacts(run_id, str(folder), OOF_DIR)
+
+    def _local_artifact_dir(self, run_id: str) -> Path | None:
+        """The run's artifact folder if its artifact store is a local folder, else None (cached per run)."""
+        if run_id not in self._artifact_dirs:
+            self._artifact_dirs[run_id] = local_artifact_dir(self.client.get_run(run_id).info.artifact_uri)
+        return self._artifact_dirs[run_id]
 
     def download_checkpoint(self, run_id: str, name: str, dest: Path) -> Path | None:
         """Download ``checkpoints/<name>`` of a run into ``dest``; None if the run has none."""
@@ -355,6 +381,42 @@ class CvTracker:
         return Path(self.client.download_artifacts(run_id, OOF_DIR, str(dest)))
 
 
+def local_artifact_dir(artifact_uri: str) -> Path | None:
+    """The local folder of an artifact URI (``file:`` URI or plain path); None for remote stores."""
+    parsed = urllib.parse.urlparse(artifact_uri)
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        return Path(urllib.request.url2pathname(parsed.path))
+    if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):  # a path (or a drive letter)
+        return Path(artifact_uri)
+    return None
+
+
+def _link_into(folder: Path, files: Sequence[Path]) -> bool:
+    """Hard-link each file into ``folder`` under its own name, replacing what is there.
+
+    A checkpoint is ~170 MB; in a local artifact store on the same file system a link costs no copy and
+    no disk bandwidth that the next epochs' training would compete for. It is safe because training
+    never changes a written file in place: every checkpoint and OOF file is written to a temporary file
+    and renamed onto its name (``io.atomic_path``), which leaves the stored link on the old content.
+    Each link is made beside the source, then renamed into ``folder``: a reader never sees a part file.
+
+    Returns:
+        False where a link cannot be made (another file system, one without hard links); the caller
+        then copies every file, over any linked before the failure.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    for source in files:
+        staged = source.with_name(f".{source.name}.{os.getpid()}.link")
+        try:
+            staged.unlink(missing_ok=True)
+            os.link(source, staged)
+            os.replace(staged, folder / source.name)
+        except OSError:
+            staged.unlink(missing_ok=True)
+            return False
+    return True
+
+
 # === Reading tracked runs (``geopose-ml report``) ====================================================
 # Plain views of an experiment's finished runs, and the ``report`` run that holds the leaderboard.
 
@@ -367,11 +429,13 @@ class FoldRun:
         run_id: MLflow run id.
         name: Run name as shown in the UI.
         history: Metric name -> ``[(step, value), ...]`` sorted by step (step = epoch).
+        params: The run's params (the parent's plus ``fold`` and ``precision``).
     """
 
     run_id: str
     name: str
     history: dict[str, list[tuple[int, float]]]
+    params: dict[str, str] = field(default_factory=dict)
 
     def values(self, key: str) -> list[float]:
         """Every logged value of metric ``key``, in step order (empty if never logged)."""
@@ -477,7 +541,9 @@ def read_tracked_runs(experiment: str = DEFAULT_EXPERIMENT) -> tuple[list[CvRun]
     folds_by_parent: dict[str, list[FoldRun]] = {}
     for run in _finished_runs(client, experiment_id, KIND_FOLD):
         parent = run.data.tags.get(MLFLOW_PARENT_RUN_ID, "")
-        fold = FoldRun(run.info.run_id, run.info.run_name or run.info.run_id, _history(client, run))
+        fold = FoldRun(
+            run.info.run_id, run.info.run_name or run.info.run_id, _history(client, run), dict(run.data.params)
+        )
         folds_by_parent.setdefault(parent, []).append(fold)
     cv_runs = [
         CvRun(run.info.run_id, run.info.run_name or run.info.run_id, dict(run.data.params), dict(run.data.metrics),

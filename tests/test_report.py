@@ -40,8 +40,12 @@ def _params(decoder: str, encoder: str, lr: float) -> dict[str, str]:
 
 
 def _log_cv(client: MlflowClient, experiment_id: str, params: dict[str, str], cv_score: float,
-            fold_scores: list[list[float]], fold_seconds: list[list[float]], status: str = "FINISHED") -> str:
-    """A cv parent with one fold child per entry of ``fold_scores`` (val_score per epoch, step = epoch)."""
+            fold_scores: list[list[float]], fold_seconds: list[list[float]], status: str = "FINISHED",
+            precision: str | None = None) -> str:
+    """A cv parent with one fold child per entry of ``fold_scores`` (val_score per epoch, step = epoch).
+
+    ``precision``: the fold runs' ``precision`` param (None: not logged, as by older versions).
+    """
     parent = client.create_run(experiment_id, tags={KIND_TAG: "cv"}, run_name=f"cv-{params['decoder']}")
     pid = parent.info.run_id
     for key, value in params.items():
@@ -53,7 +57,8 @@ def _log_cv(client: MlflowClient, experiment_id: str, params: dict[str, str], cv
         child = client.create_run(experiment_id, run_name=f"fold-{fold}",
                                   tags={KIND_TAG: "fold", "mlflow.parentRunId": pid})
         cid = child.info.run_id
-        for key, value in {**params, "fold": str(fold)}.items():
+        fold_params = {**params, "fold": str(fold)} | ({"precision": precision} if precision else {})
+        for key, value in fold_params.items():
             client.log_param(cid, key, value)
         for epoch, (score, sec) in enumerate(zip(scores, seconds, strict=True)):
             client.log_metric(cid, "val_score", score, step=epoch)
@@ -71,8 +76,8 @@ def filled(store):
                    [[0.1, 0.3, 0.5], [0.2, 0.4, 0.45]], [[2.0, 2.0, 2.0], [3.0, 3.0, 4.0]])
     # Same architecture, worse: the row must keep the better run.
     _log_cv(client, eid, _params("Unet", "resnet18", 1e-3), 0.40, [[0.0, 0.1, 0.2]], [[9.0, 9.0, 9.0]])
-    fpn = _log_cv(client, eid, _params("FPN", "resnet34", 3e-4), 0.60,
-                  [[0.2, 0.5, 0.6], [0.3, 0.5, 0.7]], [[5.0, 5.0, 5.0], [5.0, 6.0, 7.0]])
+    fpn = _log_cv(client, eid, _params("FPN", "resnet34", 3e-4) | {"amp": "True"}, 0.60,
+                  [[0.2, 0.5, 0.6], [0.3, 0.5, 0.7]], [[5.0, 5.0, 5.0], [5.0, 6.0, 7.0]], precision="bf16")
     # A failed run and a deleted run with better scores must not appear.
     _log_cv(client, eid, _params("Linknet", "resnet18", 1e-3), 0.90, [[0.9]], [[1.0]], status="FAILED")
     deleted = _log_cv(client, eid, _params("PAN", "resnet18", 1e-3), 0.95, [[0.9]], [[1.0]])
@@ -107,6 +112,7 @@ def test_leaderboard_numbers_match_the_store(filled, tmp_path: Path) -> None:
     assert fpn_row["sec_per_epoch"] == pytest.approx(33.0 / 6)
     assert unet_row["sec_per_epoch"] == pytest.approx(16.0 / 6)
     assert unet_row["folds"] == 2 and unet_row["precision"] == "fp32" and unet_row["effective_batch_size"] == "4"
+    assert fpn_row["precision"] == "bf16"  # what its folds ran in, not the amp flag
     assert unet_row["score@e1"] == pytest.approx((0.1 + 0.2) / 2)
     assert unet_row["score@e2"] == pytest.approx((0.3 + 0.4) / 2)
     assert fpn_row["score@e3"] == pytest.approx((0.6 + 0.7) / 2)
@@ -171,7 +177,7 @@ def test_report_on_real_cross_validations_matches_their_fold_runs(store, tmp_pat
         seconds = [m.value for f in fold_ids for m in client.get_metric_history(f, "epoch_seconds")]
         second_epoch = [next(m.value for m in client.get_metric_history(f, "val_score") if m.step == 1)
                         for f in fold_ids]
-        assert row["folds"] == 2 and row["encoder"] == "resnet18"
+        assert row["folds"] == 2 and row["encoder"] == "resnet18" and row["precision"] == "fp32"  # amp off
         assert row["cv_score"] == pytest.approx(result.cv_score)
         assert row["cv_score_ARG"] == pytest.approx(result.city_scores["ARG"])
         assert row["sec_per_epoch"] == pytest.approx(sum(seconds) / len(seconds))

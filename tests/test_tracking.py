@@ -76,6 +76,7 @@ def test_mlflow_run_tracks_a_cross_validation(data_dir, tmp_path):
     for fold in folds:
         run_id = fold.info.run_id
         assert fold.data.params["fold"] in ("0", "1")
+        assert fold.data.params["precision"] == "fp32"  # --no-amp
         assert [m.step for m in client.get_metric_history(run_id, "val_score")] == [0, 1]
         for key in ("train_loss", "val_agl_r2", "val_vflow_r2", "lr", "epoch_seconds", "best_val_score"):
             assert key in fold.data.metrics, key
@@ -83,6 +84,8 @@ def test_mlflow_run_tracks_a_cross_validation(data_dir, tmp_path):
         names = {a.path for a in client.list_artifacts(run_id, "checkpoints")}
         assert names == {"checkpoints/best.pt", "checkpoints/last.pt"}
         assert load_checkpoint(client.download_artifacts(run_id, "checkpoints/last.pt", str(tmp_path)))["epoch"] == 1
+        best = load_checkpoint(client.download_artifacts(run_id, "checkpoints/best.pt", str(tmp_path / "best")))
+        assert best["optimizer"] is None and best["model"]  # weights only: best.pt serves predictions
         oof_dirs.append(client.download_artifacts(run_id, "oof", str(tmp_path / run_id)))
         assert {p.name for p in Path(oof_dirs[-1]).iterdir()} == {"index.csv", "agl_pred.npy", "agl_true.npy"}
     recomputed = score_oof_folders(oof_dirs)
@@ -161,3 +164,51 @@ def test_experiments_of_a_sqlite_store_keep_artifacts_beside_it(tmp_path, monkey
     (tmp_path / "store").mkdir()
     experiment = MlflowClient().get_experiment(ensure_experiment("beside"))
     assert experiment.artifact_location == (tmp_path / "store" / "mlartifacts" / "beside").as_uri()
+
+
+def _checkpoint(path: Path, value: float) -> Path:
+    from geopose_mlops.data.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save({"w": torch.full((4,), value)}, tmp)
+    return path
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-link", "copy"])
+def test_stored_checkpoints_keep_their_content_when_training_rewrites_the_local_files(tmp_path, monkeypatch, links):
+    """Checkpoints go into a local artifact store as hard links (no copy), or copies where links fail.
+
+    Either way the stored file keeps what was logged when training writes the next ``last.pt`` (and
+    ``oof/``) over the local one, and logging again replaces it.
+    """
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    if not links:
+        def no_link(*args, **kwargs):
+            raise OSError(18, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "link", no_link)
+    tracker = CvTracker("links")
+    run_id = tracker.client.create_run(tracker.experiment_id).info.run_id
+    work = tmp_path / "work"
+    local = _checkpoint(work / "last.pt", 1.0)
+    (work / "oof").mkdir()
+    (work / "oof" / "index.csv").write_text("row\n0\n")
+    tracker.log_checkpoint(run_id, local)
+    tracker.log_oof(run_id, work / "oof")
+    artifact_dir = Path(tracker.client.get_run(run_id).info.artifact_uri.removeprefix("file://"))
+    stored = artifact_dir / "checkpoints" / "last.pt"
+    assert stored.samefile(local) is links  # a link shares the local file's inode; a copy does not
+
+    _checkpoint(local, 2.0)  # the next epoch, written as training writes it (temporary file, rename)
+    from geopose_mlops.data.io import atomic_path
+
+    with atomic_path(work / "oof" / "index.csv") as tmp:
+        tmp.write_text("row\n0\n1\n")
+    assert torch.load(stored)["w"][0] == 1.0
+    assert (artifact_dir / "oof" / "index.csv").read_text() == "row\n0\n"
+
+    tracker.log_checkpoint(run_id, local)
+    assert torch.load(stored)["w"][0] == 2.0
+    names = {a.path for a in tracker.client.list_artifacts(run_id, "checkpoints")}
+    assert names == {"checkpoints/last.pt"}  # no staging file left behind
+    assert sorted(p.name for p in work.iterdir()) == ["last.pt", "oof"]

@@ -295,7 +295,7 @@ def train_fold(
     state = _resume_state(tracker, fold_run_id, work_dir) if resuming and context.is_main else None
     state = distributed.broadcast_from_main(state, context)
     if fold_run_id is None:
-        fold_run_id = tracker.start_fold_run(cv_run_id, fold, config, data.cache.fingerprint)
+        fold_run_id = tracker.start_fold_run(cv_run_id, fold, config, data.cache.fingerprint, precision.name)
         fold_run_id = distributed.broadcast_from_main(fold_run_id, context)
     else:
         tracker.reopen(fold_run_id)
@@ -362,11 +362,15 @@ def train_fold(
             metrics["epoch_seconds"] = time.perf_counter() - start
             if context.is_main:  # the other ranks hold the same weights and no predictions to store
                 uploads.wait()  # the files below are rewritten: the last epoch's upload must be done
-                checkpoint = (optimizer, precision.scaler, config, fold, epoch, best_score, best_epoch)
+                progress_state = (config, fold, epoch, best_score, best_epoch)
                 if improved:
-                    unsent.best = save_checkpoint(work_dir / BEST_NAME, model, *checkpoint)
+                    # best.pt serves predictions and ensembles: weights only, a third of last.pt's size
+                    # (AdamW keeps two moments per weight). Resume reads last.pt.
+                    unsent.best = save_checkpoint(work_dir / BEST_NAME, model, None, None, *progress_state)
                     unsent.oof = oof.save(work_dir / "oof")
-                unsent.last = save_checkpoint(work_dir / LAST_NAME, model, *checkpoint, metrics)
+                unsent.last = save_checkpoint(
+                    work_dir / LAST_NAME, model, optimizer, precision.scaler, *progress_state, metrics
+                )
                 # Checkpoints are large (a ResNet U-Net with AdamW state: ~170 MB): upload them every
                 # checkpoint_interval_s and after the last epoch, not after every short epoch.
                 due = epoch == config.epochs - 1 or time.monotonic() - last_upload >= config.checkpoint_interval_s
