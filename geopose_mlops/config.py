@@ -130,9 +130,10 @@ class TrainConfig:
         num_workers: DataLoader workers.
         augment: Apply the training augmentations.
         checkpoint_interval_s: Upload ``last.pt`` (and a new ``best.pt`` with its ``oof/``) at most this
-            often, seconds, and always after the last epoch or when training stops; metrics are logged
-            every epoch. A SIGKILL loses at most this much training: resume retrains it and does not
-            log those epochs again. 0: upload every epoch.
+            often, seconds, and always after the last epoch or when training stops. Epoch metrics are
+            written at most every ``train.cv.METRICS_INTERVAL_S`` (5 s; an epoch longer than that
+            writes its own) and always before the checkpoints. A SIGKILL loses at most this much
+            training: resume retrains it and does not log those epochs again. 0: upload every epoch.
         skip_bad: Train on the good samples when some files are bad (the skipped files are logged as
             ``skipped_files.csv`` on the cv run); off: bad files stop the run before it starts.
     """

@@ -282,6 +282,13 @@ class CvTracker:
         """Log one epoch's metrics at ``step = epoch`` in one request."""
         self._log(run_id, metrics=metrics, step=epoch)
 
+    def log_epochs(self, run_id: str, epochs: Sequence[tuple[int, dict[str, float]]]) -> None:
+        """Log several epochs' metrics (``step = epoch``) in as few requests as possible."""
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, epoch) for epoch, metrics in epochs for k, v in metrics.items()]
+        for start in range(0, len(items), MAX_BATCH):
+            self.client.log_batch(run_id, metrics=items[start : start + MAX_BATCH])
+
     def logged_epochs(self, run_id: str, key: str = "val_score") -> list[int]:
         """The steps at which ``key`` was logged (epochs already recorded), sorted."""
         return sorted(m.step for m in self.client.get_metric_history(run_id, key))

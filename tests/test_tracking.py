@@ -99,13 +99,17 @@ class Killed(Exception):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill_point", ["after_epoch", "before_metrics"])
+@pytest.mark.parametrize("kill_point", ["after_epoch", "while_logging_metrics", "while_uploading_checkpoint"])
 def test_killed_and_resumed_fold_logs_every_epoch_once(data_dir, tmp_path, monkeypatch, kill_point):
-    """3 epochs of fold 0, stopped after epoch 1, resumed: epochs 0, 1, 2 each logged exactly once.
+    """3 epochs of fold 0, stopped around epoch 1, resumed: epochs 0, 1, 2 each logged exactly once.
 
-    ``after_epoch``: the per-epoch callback raises once epoch 1 is logged. ``before_metrics``: the process
-    dies after ``last.pt`` of epoch 1 is stored but before its metrics reach the store; the resume logs
-    them from the checkpoint.
+    ``after_epoch``: the per-epoch callback raises at epoch 1 (the stop stores what is pending).
+    The other two let the process die as under SIGKILL (from that call on nothing reaches the store)
+    ``while_logging_metrics`` as epoch 1's metrics are written (with sub-second epochs those of all
+    three go in one request with the final checkpoints, which must not be stored without them);
+    ``while_uploading_checkpoint``, uploading every epoch, after epoch 1's metrics as its ``last.pt``
+    is uploaded (the store holds epochs 0 and 1 and epoch 0's ``last.pt``: the resume retrains epoch 1
+    without logging it again).
     """
     torch.set_num_threads(1)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
@@ -120,6 +124,7 @@ def test_killed_and_resumed_fold_logs_every_epoch_once(data_dir, tmp_path, monke
         folds=(0,),
         amp=False,
         augment=False,
+        checkpoint_interval_s=0 if kill_point == "while_uploading_checkpoint" else 120,
     )
     callback = None
     if kill_point == "after_epoch":
@@ -129,22 +134,37 @@ def test_killed_and_resumed_fold_logs_every_epoch_once(data_dir, tmp_path, monke
                 raise Killed
 
     else:
-        original = CvTracker.log_epoch
+        logged, dead = [], []
 
-        def log_epoch(self, run_id, epoch, metrics):
-            if epoch == 1:
-                raise Killed
-            original(self, run_id, epoch, metrics)
+        def dies_at(name, original):
+            def call(self, run_id, *args, **kwargs):
+                if name == "log_epochs" and kill_point == "while_logging_metrics":
+                    dead.extend(epoch for epoch, _ in args[0] if epoch == 1)
+                if name == "log_checkpoint" and kill_point == "while_uploading_checkpoint" and 1 in logged:
+                    dead.append(name)
+                if dead:
+                    raise Killed
+                result = original(self, run_id, *args, **kwargs)
+                if name == "log_epochs":
+                    logged.extend(epoch for epoch, _ in args[0])
+                return result
 
-        monkeypatch.setattr(CvTracker, "log_epoch", log_epoch)
+            return call
+
+        for name in ("log_epochs", "log_epoch", "log_checkpoint", "log_oof", "log_fold_summary", "end_run"):
+            monkeypatch.setattr(CvTracker, name, dies_at(name, getattr(CvTracker, name)))
     with pytest.raises(Killed):
         run_cross_validation(
             config, experiment="resume", on_epoch_end=callback, progress=False, cache_root=tmp_path / "cache"
         )
+    if kill_point == "while_logging_metrics":
+        assert logged in ([], [0])
+    elif kill_point == "while_uploading_checkpoint":
+        assert logged == [0, 1]
     monkeypatch.undo()
     client = MlflowClient()
     (fold_run,) = _runs(client, KIND_FOLD)
-    assert fold_run.info.status in ("KILLED", "FAILED")
+    assert fold_run.info.status in ("KILLED", "FAILED", "RUNNING")  # RUNNING: died without closing it
     result = run_cross_validation(
         config, resume_run_id=fold_run.info.run_id, progress=False, cache_root=tmp_path / "cache"
     )

@@ -3,12 +3,14 @@
 ``run_cross_validation`` opens (or adopts, or resumes) the parent run, trains every selected fold in its
 own nested run and logs ``cv_score`` over all folds' out-of-fold files as stored. ``train_fold`` is one
 fold on its own, for callers (the tuner) that drive folds themselves. Per epoch, in this order: train,
-validate, write ``best.pt`` and ``oof/`` (when the score improved) and ``last.pt`` locally, upload them
-when ``checkpoint_interval_s`` has passed or the fold ends or stops, log the metrics, call
-``on_epoch_end``; uploads run in a background thread while the next epoch trains. A run killed at any
-point resumes from the stored ``last.pt`` with no epoch missing from the log or logged twice: epochs
-after it are trained again without being logged again, and the checkpoint carries its own epoch's
-metrics, logged on resume if the kill came before they were.
+validate, write ``best.pt`` and ``oof/`` (when the score improved) and ``last.pt`` locally, call
+``on_epoch_end``. In a background thread while the next epoch trains, the epochs' metrics are logged
+(at most every ``METRICS_INTERVAL_S``) and then the files uploaded (when ``checkpoint_interval_s`` has
+passed); both always when the fold ends or stops. A run killed at any point resumes from the stored
+``last.pt`` with no epoch missing from the log or logged twice: the store never holds a ``last.pt``
+newer than its metrics, epochs after it are trained again without being logged again, and the
+checkpoint carries its own epoch's metrics (for runs stored by earlier versions, which uploaded the
+files first).
 """
 
 from __future__ import annotations
@@ -38,8 +40,12 @@ from geopose_mlops.train import distributed, loop
 from geopose_mlops.train.checkpoint import BEST_NAME, LAST_NAME, load_checkpoint, save_checkpoint
 from geopose_mlops.train.oof import score_oof_folders
 
-# on_epoch_end(fold, epoch, metrics): called after each epoch is logged; raise to stop the run.
+# on_epoch_end(fold, epoch, metrics): called after each epoch; raise to stop the run.
 EpochCallback = Callable[[int, int, dict[str, float]], None]
+
+# Epoch metrics are written at most this often (and always with a checkpoint upload, at the end and on
+# a stop): an epoch of seconds writes its own, a tiny model's sub-second epochs share one request.
+METRICS_INTERVAL_S = 5.0
 
 
 @dataclass
@@ -190,11 +196,16 @@ def _upload_files(tracker, run_id: str, files: UnsentFiles) -> None:
         tracker.log_checkpoint(run_id, files.last)
 
 
-def _upload_epoch(tracker, run_id: str, epoch: int, metrics: dict | None, files: UnsentFiles) -> None:
-    """One epoch's records, in the order resume relies on: checkpoint files, then the metrics."""
+def _store_records(tracker, run_id: str, epochs: list[tuple[int, dict]], files: UnsentFiles) -> None:
+    """Store epoch metrics first, then checkpoint files.
+
+    The store so never holds a ``last.pt`` newer than its logged metrics: a resume from the stored
+    ``last.pt`` finds every epoch up to it logged (and retrains the later ones it finds logged without
+    logging them again).
+    """
+    if epochs:
+        tracker.log_epochs(run_id, epochs)
     _upload_files(tracker, run_id, files)
-    if metrics is not None:
-        tracker.log_epoch(run_id, epoch, metrics)
 
 
 class EpochUploads:
@@ -202,23 +213,30 @@ class EpochUploads:
 
     Checkpoints of a ResNet U-Net with optimizer state are ~170 MB; copying two of them per epoch into
     the artifact store in the training thread cost more than half of a small model's epoch. One task
-    runs at a time, in order; ``wait`` re-raises a failed upload so it is never silently lost.
+    runs at a time, in order; ``wait`` re-raises a failed upload so it is never silently lost, and
+    after a failure nothing more is stored (a later checkpoint must not land past unlogged epochs).
     """
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="geopose-upload")
         self._pending: Future | None = None
+        self._failed = False
 
     def submit(self, fn: Callable[..., None], *args: object) -> None:
-        """Start ``fn(*args)`` after the previous upload has finished."""
+        """Start ``fn(*args)`` after the previous upload has finished (nothing once one has failed)."""
         self.wait()
-        self._pending = self._pool.submit(fn, *args)
+        if not self._failed:
+            self._pending = self._pool.submit(fn, *args)
 
     def wait(self) -> None:
         """Block until the pending upload is done; raise its error, if any."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            pending.result()
+            try:
+                pending.result()
+            except BaseException:
+                self._failed = True
+                raise
 
     def close(self) -> None:
         """Finish the pending upload (raising its error) and stop the thread."""
@@ -330,7 +348,8 @@ def train_fold(
     # On resume from an older last.pt, epochs after it were logged by the interrupted run: they are
     # trained again (same seeds) but not logged twice.
     logged = set(tracker.logged_epochs(fold_run_id)) if resuming and context.is_main else set()
-    last_upload = time.monotonic()
+    unlogged: list[tuple[int, dict]] = []  # (epoch, metrics) not yet handed to the store
+    last_upload = last_metrics = time.monotonic()
     try:
         epochs = range(start_epoch, config.epochs)
         for epoch in tqdm(epochs, desc=f"fold {fold}", disable=not progress, unit="epoch"):
@@ -371,14 +390,19 @@ def train_fold(
                 unsent.last = save_checkpoint(
                     work_dir / LAST_NAME, model, optimizer, precision.scaler, *progress_state, metrics
                 )
+                if epoch not in logged:
+                    unlogged.append((epoch, metrics))
                 # Checkpoints are large (a ResNet U-Net with AdamW state: ~170 MB): upload them every
-                # checkpoint_interval_s and after the last epoch, not after every short epoch.
-                due = epoch == config.epochs - 1 or time.monotonic() - last_upload >= config.checkpoint_interval_s
-                files = unsent.take() if due else UnsentFiles()
-                if due:
-                    last_upload = time.monotonic()
-                to_log = None if epoch in logged else metrics
-                uploads.submit(_upload_epoch, tracker, fold_run_id, epoch, to_log, files)
+                # checkpoint_interval_s and after the last epoch, not after every short epoch. Metrics
+                # go at most every METRICS_INTERVAL_S, and always with the checkpoints.
+                now = time.monotonic()
+                files_due = epoch == config.epochs - 1 or now - last_upload >= config.checkpoint_interval_s
+                if files_due or now - last_metrics >= METRICS_INTERVAL_S:
+                    files = unsent.take() if files_due else UnsentFiles()
+                    uploads.submit(_store_records, tracker, fold_run_id, unlogged, files)
+                    unlogged, last_metrics = [], now
+                    if files_due:
+                        last_upload = now
             status = "KILLED"  # an exception from the callback is the caller's decision to stop
             if on_epoch_end is not None:
                 uploads.wait()  # the callback (tuning) logs too: one writer at a time
@@ -396,9 +420,9 @@ def train_fold(
         raise
     finally:
         try:
-            if status != "FINISHED" and status and unsent.last is not None:
-                # stopped early (error, signal, pruning): keep the last good checkpoint in the store
-                uploads.submit(_upload_files, tracker, fold_run_id, unsent.take())
+            if status != "FINISHED" and status and (unlogged or unsent.last is not None):
+                # stopped early (error, signal, pruning): keep the epochs and the last good checkpoint
+                uploads.submit(_store_records, tracker, fold_run_id, unlogged, unsent.take())
             uploads.close()
         finally:
             if status:
