@@ -130,10 +130,12 @@ class TrainConfig:
         num_workers: DataLoader workers.
         augment: Apply the training augmentations.
         checkpoint_interval_s: Upload ``last.pt`` (and a new ``best.pt`` with its ``oof/``) at most this
-            often, seconds, and always after the last epoch or when training stops. Epoch metrics are
-            written at most every ``train.cv.METRICS_INTERVAL_S`` (5 s; an epoch longer than that
-            writes its own) and always before the checkpoints. A SIGKILL loses at most this much
-            training: resume retrains it and does not log those epochs again. 0: upload every epoch.
+            often, seconds, and always after the last epoch or when training stops. A SIGKILL loses at
+            most this much training: resume retrains it and does not log those epochs again. 0: upload
+            every epoch.
+        metrics_interval_s: Write epoch metrics (each at its own step) at most this often, seconds,
+            and always before an upload and when training stops: an epoch longer than this writes its
+            own, a tiny model's sub-second epochs share one request. 0: every epoch.
         skip_bad: Train on the good samples when some files are bad (the skipped files are logged as
             ``skipped_files.csv`` on the cv run); off: bad files stop the run before it starts.
     """
@@ -156,6 +158,7 @@ class TrainConfig:
     augment: bool = True
     skip_bad: bool = False
     checkpoint_interval_s: float = 120.0
+    metrics_interval_s: float = 5.0
 
     def __post_init__(self) -> None:
         require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
@@ -170,6 +173,8 @@ class TrainConfig:
             )
         require(self.image_size >= 16, f"image_size must be >= 16 px, got {self.image_size}")
         require(self.k >= 2, f"k must be >= 2 folds, got {self.k}")
+        for name in ("checkpoint_interval_s", "metrics_interval_s"):
+            require(getattr(self, name) >= 0, f"{name} must be >= 0 seconds, got {getattr(self, name)}")
         if self.folds is not None:
             bad = [f for f in self.folds if not 0 <= f < self.k]
             require(not bad, f"folds {bad} out of range: with k={self.k} folds are 0..{self.k - 1}")

@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_TRAIN = [
     "--encoder", "resnet18", "--encoder-weights", "none", "--image-size", "64", "--batch-size", "2",
     "--k", "2", "--no-amp", "--no-augment", "--lr", "1e-3",
+    "--metrics-interval", "0",  # each epoch's metrics in the store at once: the tests time kills on them
 ]  # fmt: skip
 
 

@@ -232,3 +232,27 @@ def test_stored_checkpoints_keep_their_content_when_training_rewrites_the_local_
     names = {a.path for a in tracker.client.list_artifacts(run_id, "checkpoints")}
     assert names == {"checkpoints/last.pt"}  # no staging file left behind
     assert sorted(p.name for p in work.iterdir()) == ["last.pt", "oof"]
+
+
+@pytest.mark.parametrize(("interval", "requests"), [(0.0, [[0], [1], [2]]), (1e9, [[0, 1, 2]])])
+def test_epoch_metrics_are_written_at_most_every_metrics_interval(data_dir, tmp_path, monkeypatch, interval, requests):
+    """``metrics_interval_s`` 0 writes each epoch's metrics on its own; a long one writes all three
+    epochs in one request with the final checkpoints, each at its own step."""
+    torch.set_num_threads(1)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    calls = []
+    original = CvTracker.log_epochs
+
+    def log_epochs(self, run_id, epochs):
+        calls.append([epoch for epoch, _ in epochs])
+        original(self, run_id, epochs)
+
+    monkeypatch.setattr(CvTracker, "log_epochs", log_epochs)
+    config = TrainConfig(
+        data_dir=str(data_dir), model=ModelConfig(encoder="resnet18"), epochs=3, batch_size=4, image_size=64, k=2,
+        folds=(0,), amp=False, augment=False, metrics_interval_s=interval,
+    )  # fmt: skip
+    result = run_cross_validation(config, experiment="interval", progress=False, cache_root=tmp_path / "cache")
+    assert calls == requests
+    history = MlflowClient().get_metric_history(result.folds[0].run_id, "val_score")
+    assert sorted(m.step for m in history) == [0, 1, 2]

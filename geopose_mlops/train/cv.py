@@ -5,7 +5,7 @@ own nested run and logs ``cv_score`` over all folds' out-of-fold files as stored
 fold on its own, for callers (the tuner) that drive folds themselves. Per epoch, in this order: train,
 validate, write ``best.pt`` and ``oof/`` (when the score improved) and ``last.pt`` locally, call
 ``on_epoch_end``. In a background thread while the next epoch trains, the epochs' metrics are logged
-(at most every ``METRICS_INTERVAL_S``) and then the files uploaded (when ``checkpoint_interval_s`` has
+(at most every ``metrics_interval_s``) and then the files uploaded (when ``checkpoint_interval_s`` has
 passed); both always when the fold ends or stops. A run killed at any point resumes from the stored
 ``last.pt`` with no epoch missing from the log or logged twice: the store never holds a ``last.pt``
 newer than its metrics, epochs after it are trained again without being logged again, and the
@@ -42,10 +42,6 @@ from geopose_mlops.train.oof import score_oof_folders
 
 # on_epoch_end(fold, epoch, metrics): called after each epoch; raise to stop the run.
 EpochCallback = Callable[[int, int, dict[str, float]], None]
-
-# Epoch metrics are written at most this often (and always with a checkpoint upload, at the end and on
-# a stop): an epoch of seconds writes its own, a tiny model's sub-second epochs share one request.
-METRICS_INTERVAL_S = 5.0
 
 
 @dataclass
@@ -394,10 +390,10 @@ def train_fold(
                     unlogged.append((epoch, metrics))
                 # Checkpoints are large (a ResNet U-Net with AdamW state: ~170 MB): upload them every
                 # checkpoint_interval_s and after the last epoch, not after every short epoch. Metrics
-                # go at most every METRICS_INTERVAL_S, and always with the checkpoints.
+                # go at most every metrics_interval_s, and always with the checkpoints.
                 now = time.monotonic()
                 files_due = epoch == config.epochs - 1 or now - last_upload >= config.checkpoint_interval_s
-                if files_due or now - last_metrics >= METRICS_INTERVAL_S:
+                if files_due or now - last_metrics >= config.metrics_interval_s:
                     files = unsent.take() if files_due else UnsentFiles()
                     uploads.submit(_store_records, tracker, fold_run_id, unlogged, files)
                     unlogged, last_metrics = [], now
