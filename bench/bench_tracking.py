@@ -70,8 +70,10 @@ def run(args: list[str] | None = None) -> list[dict]:
     parser.add_argument("--encoder", default="resnet18", help="encoder of the tiny U-Net")
     parser.add_argument("--size", type=int, default=64, help="image side, pixels")
     parser.add_argument("--images-per-city", type=int, default=4, help="synthetic images per city (2 folds)")
-    parser.add_argument("--epochs", type=int, default=6, help="epochs per fold (the first is not timed)")
-    parser.set_defaults(repeats=6)
+    parser.add_argument(
+        "--epochs", type=int, default=10, help="epochs per fold, as train's default (the first is not timed)"
+    )
+    parser.set_defaults(repeats=4)
     opts = parser.parse_args(args)
     common.limit_threads(1)
     with tempfile.TemporaryDirectory(prefix="bench-tracking-", dir=opts.workdir) as tmp:
