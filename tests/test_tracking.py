@@ -256,3 +256,22 @@ def test_epoch_metrics_are_written_at_most_every_metrics_interval(data_dir, tmp_
     assert calls == requests
     history = MlflowClient().get_metric_history(result.folds[0].run_id, "val_score")
     assert sorted(m.step for m in history) == [0, 1, 2]
+
+
+def test_after_a_failed_upload_nothing_more_is_stored():
+    """A failed upload is raised by the next wait, and later records are dropped, not stored past it."""
+    from geopose_mlops.train.cv import EpochUploads
+
+    done = []
+
+    def fails():
+        raise OSError("store down")
+
+    uploads = EpochUploads()
+    uploads.submit(done.append, "epoch 0")
+    uploads.submit(fails)
+    with pytest.raises(OSError, match="store down"):
+        uploads.wait()
+    uploads.submit(done.append, "epoch 2")
+    uploads.close()
+    assert done == ["epoch 0"]

@@ -226,13 +226,14 @@ class EpochUploads:
 
     def wait(self) -> None:
         """Block until the pending upload is done; raise its error, if any."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            try:
-                pending.result()
-            except BaseException:
-                self._failed = True
-                raise
+        pending = self._pending
+        if pending is None:
+            return
+        error = pending.exception()  # blocks; a signal arriving here leaves the task pending, not failed
+        self._pending = None
+        if error is not None:
+            self._failed = True
+            raise error
 
     def close(self) -> None:
         """Finish the pending upload (raising its error) and stop the thread."""
