@@ -52,6 +52,15 @@ def test_vflow_json_stores_px_per_cm_and_reads_px_per_m(tmp_path) -> None:
     assert scale == pytest.approx(2.5) and angle == -1.0
 
 
+@pytest.mark.parametrize(("scale", "angle"), [(-0.5, 0.0), (float("nan"), 0.0), (1.0, float("inf"))])
+def test_vflow_json_that_read_vflow_would_reject_is_not_written(tmp_path, scale, angle) -> None:
+    path = tmp_path / "JAX_w_VFLOW.json"
+    io.write_vflow(path, 2.0, 0.5)
+    with pytest.raises(DataError, match="JAX_w_VFLOW.json"):
+        io.write_vflow(path, scale, angle)
+    assert io.read_vflow(path) == pytest.approx((2.0, 0.5))  # the file written before is kept
+
+
 @pytest.mark.parametrize(
     ("text", "reason"),
     [('{"scale": 0.01}', "missing key 'angle'"), ('{"scale": NaN, "angle": 0}', "finite"), ("{", "not valid json")],

@@ -182,7 +182,15 @@ def read_vflow(path: str | Path) -> tuple[float, float]:
 
 
 def write_vflow(path: str | Path, scale_px_per_m: float, angle_rad: float) -> None:
-    """Write a VFLOW json: ``scale`` in px/cm (converted from px/m), ``angle`` in radians."""
-    record = {"scale": float(scale_px_per_m) / CM_PER_M, "angle": float(angle_rad)}
+    """Write a VFLOW json: ``scale`` in px/cm (converted from px/m), ``angle`` in radians.
+
+    Raises:
+        DataError: The scale is negative or either value is not finite (``read_vflow`` would reject
+            the file); nothing is written.
+    """
+    scale, angle = float(scale_px_per_m), float(angle_rad)
+    if not (math.isfinite(scale) and math.isfinite(angle)) or scale < 0:
+        raise DataError(path, f"not written: scale must be finite and >= 0 px/m and angle finite, got {scale}, {angle}")
+    record = {"scale": scale / CM_PER_M, "angle": angle}
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(record))
