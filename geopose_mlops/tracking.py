@@ -141,8 +141,7 @@ class CvTracker:
     def experiment_id(self) -> str:
         """The experiment's id (it is created on first use)."""
         if self._experiment_id is None:
-            found = self.client.get_experiment_by_name(self.experiment_name)
-            self._experiment_id = found.experiment_id if found else ensure_experiment(self.experiment_name)
+            self._experiment_id = ensure_experiment(self.experiment_name)
         return self._experiment_id
 
     # --- runs ---------------------------------------------------------------------------------------
@@ -269,6 +268,10 @@ class CvTracker:
         items = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()]
         items += [Param(k, str(v)) for k, v in (params or {}).items()]
         items += [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        self._send(run_id, items)
+
+    def _send(self, run_id: str, items: Sequence[Metric | Param | RunTag]) -> None:
+        """``log_batch`` the items in chunks of ``MAX_BATCH``."""
         for start in range(0, len(items), MAX_BATCH):
             chunk = items[start : start + MAX_BATCH]
             self.client.log_batch(
@@ -280,14 +283,12 @@ class CvTracker:
 
     def log_epoch(self, run_id: str, epoch: int, metrics: dict[str, float]) -> None:
         """Log one epoch's metrics at ``step = epoch`` in one request."""
-        self._log(run_id, metrics=metrics, step=epoch)
+        self.log_epochs(run_id, [(epoch, metrics)])
 
     def log_epochs(self, run_id: str, epochs: Sequence[tuple[int, dict[str, float]]]) -> None:
         """Log several epochs' metrics (``step = epoch``) in as few requests as possible."""
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, epoch) for epoch, metrics in epochs for k, v in metrics.items()]
-        for start in range(0, len(items), MAX_BATCH):
-            self.client.log_batch(run_id, metrics=items[start : start + MAX_BATCH])
+        self._send(run_id, [Metric(k, float(v), now, epoch) for epoch, metrics in epochs for k, v in metrics.items()])
 
     def logged_epochs(self, run_id: str, key: str = "val_score") -> list[int]:
         """The steps at which ``key`` was logged (epochs already recorded), sorted."""

@@ -133,8 +133,7 @@ class StudyTracker:
 
     def log_trial_epoch(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
         """One epoch's metrics on the trial run (``step`` = epoch, counted across folds for ``cv``)."""
-        now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.cv_tracker.log_epoch(run_id, step, metrics)
 
     def end_trial(self, run_id: str, state: str, value: float | None = None, step: int | None = None) -> None:
         """Close a trial run: ``COMPLETE`` (with ``trial_value``), ``PRUNED`` (KILLED) or ``FAILED``."""

@@ -182,26 +182,21 @@ class UnsentFiles:
         return taken
 
 
-def _upload_files(tracker, run_id: str, files: UnsentFiles) -> None:
-    """best.pt and oof/ first, then last.pt: a stored last.pt never points past the stored best.pt."""
+def _store_records(tracker, run_id: str, epochs: list[tuple[int, dict]], files: UnsentFiles) -> None:
+    """Store epoch metrics, then ``best.pt`` and ``oof/``, then ``last.pt``.
+
+    The store so never holds a ``last.pt`` newer than its logged metrics or its ``best.pt``: a resume
+    from the stored ``last.pt`` finds every epoch up to it logged (and retrains the later ones it finds
+    logged without logging them again).
+    """
+    if epochs:
+        tracker.log_epochs(run_id, epochs)
     if files.best is not None:
         tracker.log_checkpoint(run_id, files.best)
     if files.oof is not None:
         tracker.log_oof(run_id, files.oof)
     if files.last is not None:
         tracker.log_checkpoint(run_id, files.last)
-
-
-def _store_records(tracker, run_id: str, epochs: list[tuple[int, dict]], files: UnsentFiles) -> None:
-    """Store epoch metrics first, then checkpoint files.
-
-    The store so never holds a ``last.pt`` newer than its logged metrics: a resume from the stored
-    ``last.pt`` finds every epoch up to it logged (and retrains the later ones it finds logged without
-    logging them again).
-    """
-    if epochs:
-        tracker.log_epochs(run_id, epochs)
-    _upload_files(tracker, run_id, files)
 
 
 class EpochUploads:
