@@ -20,6 +20,7 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy.exc
+from tiny_cv import write_study_file
 
 from geopose_mlops.constants import KIND_TAG
 from geopose_mlops.data.synth import make_synthetic_dataset
@@ -37,31 +38,11 @@ TrialState = optuna.trial.TrialState
 
 def write_study(folder: Path, data_dir: Path) -> Path:
     """A tiny fold-0 study: MobileNetV3 (weights off), 64 px, 2 epochs, fast heartbeat, no retries."""
-    path = folder / f"{STUDY}.yaml"
-    path.write_text(
-        f"""\
-study_name: {STUDY}
-experiment: {EXPERIMENT}
-sampler: {{name: tpe, seed: 0, n_startup_trials: 2}}
-pruner: {{name: none}}
-objective: fold0
-heartbeat_interval: {HEARTBEAT_S}
-grace_period: {GRACE_S}
-max_retry: 0
-train:
-  data_dir: {data_dir}
-  model: {{encoder: tu-mobilenetv3_small_050, decoder: Unet}}
-  epochs: {EPOCHS}
-  image_size: 64
-  k: 2
-  amp: false
-  augment: false
-search_space:
-  lr: {{low: 1e-5, high: 1e-3}}
-  effective_batch_size: {{low: 1, high: 4, scale: pow2, max_micro_batch: 2}}
-"""
-    )
-    return path
+    heartbeat = f"heartbeat_interval: {HEARTBEAT_S}\ngrace_period: {GRACE_S}\nmax_retry: 0\n"
+    return write_study_file(
+        folder, data_dir, STUDY, EXPERIMENT, epochs=EPOCHS,
+        batch_space="{low: 1, high: 4, scale: pow2, max_micro_batch: 2}", extra=heartbeat,
+    )  # fmt: skip
 
 
 def start_worker(study_file: Path, storage: str, n_trials: int, tracking_uri: str, log: Path) -> subprocess.Popen:

@@ -16,37 +16,16 @@ import optuna
 import pytest
 import torch
 from click.testing import CliRunner
+from tiny_cv import write_study_file
 
 from geopose_mlops.cli import main
 from geopose_mlops.tracking_tuning import TRIAL_NUMBER_TAG, TRIAL_STATE_TAG
 
 REPO = Path(__file__).resolve().parents[1]
-ENCODER = "tu-mobilenetv3_small_050"
 
 
 def study_file(folder: Path, data_dir: Path, name: str, extra: str = "", epochs: int = 1) -> Path:
-    path = folder / f"{name}.yaml"
-    path.write_text(
-        f"""\
-study_name: {name}
-experiment: tune-tests
-sampler: {{name: tpe, seed: 0, n_startup_trials: 2}}
-pruner: {{name: none}}
-objective: fold0
-train:
-  data_dir: {data_dir}
-  model: {{encoder: {ENCODER}, decoder: Unet}}
-  epochs: {epochs}
-  image_size: 64
-  k: 2
-  amp: false
-  augment: false
-search_space:
-  lr: {{low: 1e-5, high: 1e-3}}
-  effective_batch_size: {{low: 1, high: 128, scale: log, max_micro_batch: 4}}
-{extra}"""
-    )
-    return path
+    return write_study_file(folder, data_dir, name, "tune-tests", epochs=epochs, extra=extra)
 
 
 @pytest.fixture(scope="module")

@@ -27,3 +27,44 @@ def run_tiny_cv(root: Path, decoder: str = "Unet", experiment: str = "geopose") 
     )
     return run_cross_validation(config, experiment=experiment, cache_root=root / "cache", device="cpu",
                                 progress=False)
+
+
+STUDY_ENCODER = "tu-mobilenetv3_small_050"  # timm MobileNetV3, 2.3 M parameters: small checkpoints
+
+
+def write_study_file(
+    folder: Path,
+    data_dir: Path,
+    name: str,
+    experiment: str,
+    epochs: int = 1,
+    batch_space: str = "{low: 1, high: 128, scale: log, max_micro_batch: 4}",
+    extra: str = "",
+) -> Path:
+    """``folder/<name>.yaml``: a tiny fold-0 study over lr x effective batch (TPE seed 0, no pruner).
+
+    MobileNetV3 U-Net with weights off at 64 px, ``epochs`` per trial; ``extra`` adds top-level keys
+    (a later key replaces an earlier one, e.g. a ``pruner``).
+    """
+    path = folder / f"{name}.yaml"
+    path.write_text(
+        f"""\
+study_name: {name}
+experiment: {experiment}
+sampler: {{name: tpe, seed: 0, n_startup_trials: 2}}
+pruner: {{name: none}}
+objective: fold0
+train:
+  data_dir: {data_dir}
+  model: {{encoder: {STUDY_ENCODER}, decoder: Unet}}
+  epochs: {epochs}
+  image_size: 64
+  k: 2
+  amp: false
+  augment: false
+search_space:
+  lr: {{low: 1e-5, high: 1e-3}}
+  effective_batch_size: {batch_space}
+{extra}"""
+    )
+    return path
