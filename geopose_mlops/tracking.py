@@ -239,6 +239,8 @@ class CvTracker:
             CODE_VERSION_TAG: code_version(),
         }
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"fold-{fold}")
+        # Known now: the first checkpoint stored needs no lookup of the run.
+        self._artifact_dirs[run.info.run_id] = local_artifact_dir(run.info.artifact_uri)
         params = {**run_params(config, data_fingerprint), "fold": str(fold)}
         if precision is not None:
             params["precision"] = precision

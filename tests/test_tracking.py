@@ -258,6 +258,34 @@ def test_epoch_metrics_are_written_at_most_every_metrics_interval(data_dir, tmp_
     assert sorted(m.step for m in history) == [0, 1, 2]
 
 
+def _two_fold_config(data_dir) -> TrainConfig:
+    return TrainConfig(
+        data_dir=str(data_dir), model=ModelConfig(encoder="resnet18"), epochs=1, batch_size=4, image_size=64, k=2,
+        amp=False, augment=False,
+    )  # fmt: skip
+
+
+def test_a_fold_whose_summary_cannot_be_stored_fails_and_the_next_fold_never_starts(data_dir, tmp_path, monkeypatch):
+    """Storing fold 0's summary fails: its run ends FAILED, the error reaches the caller, and fold 1 has
+    no run (the error stops the cross-validation before it is created, and is not charged to it)."""
+    torch.set_num_threads(1)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+
+    def disk_full(self, run_id, best_score, best_epoch):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(CvTracker, "log_fold_summary", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        run_cross_validation(
+            _two_fold_config(data_dir), experiment="closing", progress=False, cache_root=tmp_path / "cache"
+        )
+    client = MlflowClient()
+    (fold_run,) = _runs(client, KIND_FOLD)
+    assert fold_run.data.tags["geopose.fold"] == "0" and fold_run.info.status == "FAILED"
+    (cv_run,) = _runs(client, KIND_CV)
+    assert cv_run.info.status == "FAILED"
+
+
 def test_after_a_failed_upload_nothing_more_is_stored():
     """A failed upload is raised by the next wait, and later records are dropped, not stored past it."""
     from geopose_mlops.train.cv import EpochUploads
