@@ -43,10 +43,11 @@ class Timing:
         return (max(self.seconds) - min(self.seconds)) / self.median if self.median > 0 else 0.0
 
     def summary(self, per: float = 1.0, unit: str = "s") -> dict[str, Any]:
-        """Median, min and max of ``seconds / per`` (e.g. per image) with the unit and repeat count."""
+        """Median, mean, min and max of ``seconds / per`` (e.g. per image) with the unit and repeat count."""
         values = [s / per for s in self.seconds]
         return {
             "median": statistics.median(values),
+            "mean": statistics.mean(values),
             "min": min(values),
             "max": max(values),
             "spread": self.spread,

@@ -46,6 +46,11 @@ def _missing_module(script: str) -> str | None:
 
 def _medians(row: dict) -> tuple[str, str, str]:
     """(reference, ours, spread) cells from whichever raw numbers a figure carries."""
+    if "interval_90_percent" in row:  # a ratio of means with its bootstrap interval (bench_tracking)
+        ref, ours = row["untracked_epoch_s"], row["tracked_epoch_s"]
+        low, high = row["interval_90_percent"]
+        spread = f"90% interval {low:.2f} to {high:.2f} % ({row['pairs']} pairs)"
+        return f"{ref['mean']:.4g} {ref['unit']} (mean)", f"{ours['mean']:.4g} {ours['unit']} (mean)", spread
     for ref_key, our_key in (
         ("reference_s_per_sample", "ours_s_per_sample"),
         ("reference_s_per_image", "ours_s_per_image"),
@@ -75,7 +80,11 @@ def markdown_table(results: list[dict], seconds: float | None = None, skipped: l
     for script in skipped or []:
         lines.append(f"| {script} | not measured | | **NOT RUN**: {REQUIRES[script]} is not in this checkout | | | |")
     machine = results[0].get("machine", {}) if results else common.machine_info()
-    lines += ["", "Spread: (max - min) / median over the timed repeats; per-image or per-sample times."]
+    lines += [
+        "",
+        "Spread: (max - min) / median over the timed repeats; per-image or per-sample times. Tracking: the mean",
+        "epoch time of each side and the 90% bootstrap interval of the overhead (see bench_tracking.py).",
+    ]
     lines.append("")
     lines.append(
         f"Machine: {machine.get('cpu')}, {machine.get('cores')} usable cores, GPU: {machine.get('gpu')}; "

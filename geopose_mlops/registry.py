@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -53,8 +54,8 @@ def select_cv_runs(
 ) -> list[mlflow.entities.Run]:
     """Finished top-level cv runs on the same data (best ``cv_score`` first), the candidates.
 
-    A search keeps the runs with the best run's ``data_fingerprint``; named runs must all share it (the
-    sample ids are checked again when their OOF folders are aligned).
+    A search keeps the runs with the best run's ``data_fingerprint`` and warns of those it leaves out;
+    named runs must all share it (the sample ids are checked again when their OOF folders are aligned).
 
     Raises:
         ConfigError: A named run is not a finished cv run or was trained on other data, or no candidate
@@ -83,6 +84,14 @@ def select_cv_runs(
         raise ConfigError(
             f"--run-ids {other}: trained on other data ({FINGERPRINT_PARAM} differs from {runs[0].info.run_id}'s "
             f"{data!r}); an ensemble needs members whose folds cover the same images"
+        )
+    if other:
+        warnings.warn(
+            f"{len(other)} finished cv run(s) left out, trained on other data than the best run "
+            f"{runs[0].info.run_id} ({FINGERPRINT_PARAM} {data!r}): {other[:10]}"
+            + (f" and {len(other) - 10} more" if len(other) > 10 else "")
+            + "; name the runs (--run-ids) or narrow the search (--filter) to choose",
+            stacklevel=2,
         )
     runs = [r for r in runs if r.data.params.get(FINGERPRINT_PARAM) == data]
     return runs[:max_members] if max_members else runs

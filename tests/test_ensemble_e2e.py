@@ -131,3 +131,30 @@ def test_fit_promote_predict_evaluate(tmp_path, monkeypatch) -> None:
     assert raced.exit_code == 0, raced.output
     holder = client.get_model_version_by_alias("geopose-ensemble", "champion")
     assert holder.version == best_version and holder.tags["geopose.ensemble_run_id"] == best.info.run_id
+
+
+def test_a_search_keeps_the_best_runs_data_and_names_the_runs_it_leaves_out(tmp_path) -> None:
+    """Candidates must cover the same images: a search keeps the runs on the best run's data and warns
+    naming the others; named runs on other data are refused."""
+    from geopose_mlops.constants import KIND_CV, KIND_TAG
+    from geopose_mlops.errors import ConfigError
+    from geopose_mlops.registry import select_cv_runs
+    from geopose_mlops.tracking import FINGERPRINT_PARAM
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient()
+    experiment = client.create_experiment("candidates", artifact_location=(tmp_path / "artifacts").as_uri())
+
+    def cv_run(data: str, score: float) -> str:
+        run_id = client.create_run(experiment, tags={KIND_TAG: KIND_CV}).info.run_id
+        client.log_param(run_id, FINGERPRINT_PARAM, data)
+        client.log_metric(run_id, "cv_score", score)
+        client.set_terminated(run_id)
+        return run_id
+
+    best, second, other_data = cv_run("a" * 64, 0.5), cv_run("a" * 64, 0.3), cv_run("b" * 64, 0.4)
+    with pytest.warns(UserWarning, match=rf"1 finished cv run\(s\) left out.*{other_data}"):
+        runs = select_cv_runs("candidates")
+    assert [r.info.run_id for r in runs] == [best, second]
+    with pytest.raises(ConfigError, match=other_data):
+        select_cv_runs("candidates", run_ids=[best, other_data])
