@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from geopose_mlops.errors import ConfigError, GeoposeError
 
@@ -313,14 +314,24 @@ def server(
 
 
 def _run_fold_worker(parent_run_id: str, folds: str, options: dict) -> None:
-    from geopose_mlops.train.shared_cv import run_fold_worker
+    from geopose_mlops.train.shared_cv import MODEL_OPTIONS, run_fold_worker
 
     if folds.strip() == "all":
         raise ConfigError("--parent-run-id needs --folds: the folds this worker trains, e.g. --folds 1")
+    context = click.get_current_context()
+    given = [
+        name
+        for name in options
+        if name not in ("data_dir", "experiment", "resume", "cache_dir", "work_dir")
+        and context.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    ]
     config = _train_config(folds, options)
+    values = {name: getattr(config.model if name in MODEL_OPTIONS else config, name) for name in given}
     click.echo(f"joining cv run {parent_run_id}: its configuration is used; data from {config.data_dir}")
     folds_to_train = list(config.fold_list())
-    result = run_fold_worker(parent_run_id, folds_to_train, config.data_dir, cache_root=options["cache_dir"])
+    result = run_fold_worker(
+        parent_run_id, folds_to_train, config.data_dir, options["cache_dir"], options["work_dir"], options=values
+    )
     for fold, fold_result in result.folds.items():
         click.echo(f"  fold {fold}: run {fold_result.run_id} best val_score {fold_result.best_score:.4f}")
     if result.cv is not None:

@@ -81,3 +81,40 @@ def test_two_workers_share_one_cv_and_the_last_logs_cv_score(tracking_stack, tmp
         OofPredictions.load(folder).update_metric(metric)
     assert len(metric.cities) == 2 and sum(c.images for c in metric.cities.values()) == 4
     assert cv_run.data.metrics["cv_score"] == pytest.approx(metric.compute()["final_score"], abs=1e-9)
+
+
+def test_a_worker_refuses_options_that_would_train_its_fold_differently(tmp_path):
+    """Every fold of a shared cv trains the cv run's configuration: a worker given another --epochs or --lr
+    exits 2 naming both, before any fold run exists; the same values, or local options, are accepted."""
+    import mlflow
+    from click.testing import CliRunner
+    from mlflow.tracking import MlflowClient
+
+    from geopose_mlops.cli import main
+    from geopose_mlops.train.shared_cv import worker_config
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    data = tmp_path / "data"
+    make_synthetic_dataset(data, images_per_city=2, size=64, seed=0, cities=("JAX", "OMA"))
+    common = ["--data-dir", str(data), *TRAIN_OPTIONS, "--experiment", "shared-cv"]
+    start = CliRunner().invoke(main, ["cv", "start", *common])
+    assert start.exit_code == 0, start.output
+    cv_run_id = start.stdout.strip().splitlines()[-1]
+
+    worker = ["train", "--data-dir", str(data), "--parent-run-id", cv_run_id, "--folds", "0"]
+    refused = CliRunner().invoke(main, [*worker, "--epochs", "3", "--lr", "0.01", "--encoder", "resnet18"])
+    assert refused.exit_code == 2, refused.output
+    message = refused.stderr if refused.stderr else refused.output
+    assert "epochs 3 (the run's: 1)" in message and "lr 0.01 (the run's: 0.0001)" in message, message
+    assert "encoder" not in message.split("given here:")[1]  # the same value is not a difference
+    client = MlflowClient()
+    assert client.search_runs([client.get_experiment_by_name("shared-cv").experiment_id],
+                              f"tags.mlflow.parentRunId = '{cv_run_id}'") == []  # fmt: skip
+
+    from geopose_mlops.tracking import CvTracker
+    from geopose_mlops.train.shared_cv import _load_shared
+
+    config, _ = _load_shared(CvTracker("shared-cv"), cv_run_id)
+    local = worker_config(config, cv_run_id, {"num_workers": 3, "metrics_interval_s": 0.0, "epochs": 1})
+    assert (local.num_workers, local.metrics_interval_s) == (3, 0.0)
+    assert local.epochs == config.epochs and local.model == config.model

@@ -4,8 +4,10 @@
    ``folds.csv``) on the shared tracking server, leaves it RUNNING and prints its id.
 2. On each machine: ``geopose-ml train --data-dir DATA --parent-run-id RUN --folds F``. The worker takes
    the configuration and the fold assignment from the run (so every machine trains the same
-   cross-validation; only ``--data-dir``, the cache and the device are local), and trains fold ``F`` in
-   its own nested fold run. A fold whose run FAILED or was KILLED is resumed from its ``last.pt``.
+   cross-validation; only ``--data-dir``, the cache, the device and how the machine loads and stores
+   (``--num-workers``, ``--checkpoint-interval``, ``--metrics-interval``) are local; any other training
+   option given must equal the run's), and trains fold ``F`` in its own nested fold run. A fold whose
+   run FAILED or was KILLED is resumed from its ``last.pt``.
 3. The worker that finishes the last fold computes the parent's ``cv_score`` from every fold's ``oof/``
    artifacts and closes the cv run (automatic). Each worker closes its own fold run *before* it looks
    at the others, so of two workers finishing together at least one sees every fold finished; if both
@@ -17,18 +19,23 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from geopose_mlops.config import TrainConfig, load_json_config
+from geopose_mlops.config import ModelConfig, TrainConfig, load_json_config
 from geopose_mlops.constants import DEFAULT_EXPERIMENT, FOLDS_CSV
 from geopose_mlops.errors import ConfigError, DataError, GeoposeError
 from geopose_mlops.train.cv import CvResult, FoldResult, prepare_data, train_fold
 from geopose_mlops.train.oof import score_oof_folders
 
 SHARED_TAG = "geopose.shared_cv"  # "true" on a cv run whose folds are trained by separate workers
+# TrainConfig fields a worker may set for itself: how this machine loads data and stores records, not
+# what is trained.
+LOCAL_OPTIONS = ("num_workers", "checkpoint_interval_s", "metrics_interval_s")
+MODEL_OPTIONS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 
 
 @dataclass
@@ -74,6 +81,33 @@ def _load_shared(tracker, cv_run_id: str) -> tuple[TrainConfig, pd.DataFrame]:
     return config, folds_table
 
 
+def worker_config(config: TrainConfig, cv_run_id: str, options: Mapping[str, object]) -> TrainConfig:
+    """The cv run's configuration with this worker's local options (``LOCAL_OPTIONS``) applied.
+
+    Args:
+        config: The cv run's own configuration.
+        cv_run_id: The cv run (for the message).
+        options: Training options given to this worker, by ``TrainConfig`` (or ``ModelConfig``) field name.
+
+    Raises:
+        ConfigError: A given option that decides what is trained differs from the run's (all are named):
+            every fold of one cross-validation trains the same way.
+    """
+    differing = []
+    for name, value in options.items():
+        if name in LOCAL_OPTIONS:
+            continue
+        stored = getattr(config.model, name) if name in MODEL_OPTIONS else getattr(config, name)
+        if value != stored:
+            differing.append(f"{name} {value!r} (the run's: {stored!r})")
+    if differing:
+        raise ConfigError(
+            f"cv run {cv_run_id} trains every fold with its own configuration; given here: {', '.join(differing)}. "
+            "Drop these options, or start another cv run (geopose-ml cv start) to train differently"
+        )
+    return dataclasses.replace(config, **{k: v for k, v in options.items() if k in LOCAL_OPTIONS})
+
+
 def run_fold_worker(
     cv_run_id: str,
     folds: list[int],
@@ -82,6 +116,7 @@ def run_fold_worker(
     work_dir: str | Path | None = None,
     device: str | None = None,
     progress: bool = True,
+    options: Mapping[str, object] | None = None,
 ) -> WorkerResult:
     """Train ``folds`` of an existing cv run on this machine; the last worker scores the cv.
 
@@ -93,10 +128,12 @@ def run_fold_worker(
         work_dir: Local folder for checkpoints and OOF files (None: a temporary folder).
         device: ``cuda``/``cpu`` (None: CUDA if available).
         progress: Show progress bars.
+        options: Training options given to this worker (see :func:`worker_config`): local ones are
+            applied, the others must equal the run's.
 
     Raises:
-        ConfigError: The run is not a cv run, a fold is outside the run's folds, or another worker's
-            run of that fold is still RUNNING.
+        ConfigError: The run is not a cv run, a fold is outside the run's folds, another worker's run of
+            that fold is still RUNNING, or a given option differs from the run's.
         DataError: The local data set lacks images listed in the run's ``folds.csv``.
     """
     import torch
@@ -105,6 +142,7 @@ def run_fold_worker(
 
     tracker = CvTracker()
     config, folds_table = _load_shared(tracker, cv_run_id)
+    config = worker_config(config, cv_run_id, options or {})
     if data_dir is not None:
         config = dataclasses.replace(config, data_dir=str(data_dir))
     outside = sorted(set(folds) - set(config.fold_list()))
