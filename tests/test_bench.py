@@ -52,3 +52,36 @@ def test_every_bench_script_reports_its_figures(tmp_path):
     # The two scorers agree at any size: that figure is a correctness check, not a speed.
     evaluate = next(row for row in rows if row["figure"] == "evaluate_score_difference")
     assert evaluate["met"], evaluate
+
+
+def test_the_gpu_figures_count_a_steps_flops_and_know_the_cards_peak():
+    """What the GPU rows are computed from, checked on CPU (no GPU here): a step's FLOPs are forward +
+    backward (2-3x the forward alone), and the peak of the card the rate is compared with is the dense
+    bf16 one (H100 SXM 989 TFLOP/s, the PCIe card 756)."""
+    import torch
+    from torch.utils.data import default_collate
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import bench_train_step
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from geopose_mlops.config import ModelConfig
+    from geopose_mlops.constants import CITY, GSD, IMAGE
+    from geopose_mlops.models.factory import build_model
+    from geopose_mlops.models.losses import build_loss
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(encoder="resnet18"))
+    batch = default_collate(bench_train_step.synthetic_samples(2, 64))
+    step = bench_train_step.step_flops(model, batch, build_loss("mse"), torch.device("cpu"))
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(batch[IMAGE], batch[GSD], batch[CITY])
+    assert 2.0 < step / counter.get_total_flops() < 3.2
+    assert all(p.grad is None for p in model.parameters())  # counting leaves no gradients behind
+    assert bench_train_step.bf16_peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert bench_train_step.bf16_peak("NVIDIA H100 PCIe") == 756e12
+    assert bench_train_step.bf16_peak("NVIDIA H200") == 989e12
+    assert bench_train_step.bf16_peak("Some Future Card") is None
