@@ -4,10 +4,10 @@
    ``folds.csv``) on the shared tracking server, leaves it RUNNING and prints its id.
 2. On each machine: ``geopose-ml train --data-dir DATA --parent-run-id RUN --folds F``. The worker takes
    the configuration and the fold assignment from the run (so every machine trains the same
-   cross-validation; only ``--data-dir``, the cache, the device and how the machine loads and stores
-   (``--num-workers``, ``--checkpoint-interval``, ``--metrics-interval``) are local; any other training
-   option given must equal the run's), and trains fold ``F`` in its own nested fold run. A fold whose
-   run FAILED or was KILLED is resumed from its ``last.pt``.
+   cross-validation; only ``--data-dir``, the cache, ``--work-dir``, the device and how the machine
+   loads and stores (``--num-workers``, ``--checkpoint-interval``, ``--metrics-interval``) are local;
+   any other training option given must equal the run's), and trains fold ``F`` in its own nested fold
+   run. A fold whose run FAILED or was KILLED is resumed from its ``last.pt``.
 3. The worker that finishes the last fold computes the parent's ``cv_score`` from every fold's ``oof/``
    artifacts and closes the cv run (automatic). Each worker closes its own fold run *before* it looks
    at the others, so of two workers finishing together at least one sees every fold finished; if both
