@@ -319,8 +319,18 @@ class CvTracker:
             )
             entity = dataset._to_mlflow_entity()  # the schema is inferred (and warned about) here
         context = InputTag(key=MLFLOW_DATASET_CONTEXT, value="training")
+        inputs = [DatasetInput(dataset=entity, tags=[context])]
         # The client form of mlflow.log_input: the run is addressed by id, not by the active-run stack.
-        self.client.log_inputs(cv_run_id, [DatasetInput(dataset=entity, tags=[context])])
+        try:
+            self.client.log_inputs(cv_run_id, inputs)
+        except MlflowException as err:
+            # The store looks the data set up and inserts it if missing, so two runs logging the same data
+            # set at once (tune workers on one server) can both insert it; the second then fails on the
+            # data set's unique key, its transaction rolled back. The data set exists now: a second try
+            # only links it to this run.
+            if not _is_duplicate_dataset(err):
+                raise
+            self.client.log_inputs(cv_run_id, inputs)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "folds.csv"
             folds_table.to_csv(path, index=False)
@@ -389,6 +399,12 @@ class CvTracker:
         """Download a fold run's ``oof/`` folder into ``dest``; returns the local ``oof`` folder."""
         dest.mkdir(parents=True, exist_ok=True)
         return Path(self.client.download_artifacts(run_id, OOF_DIR, str(dest)))
+
+
+def _is_duplicate_dataset(err: MlflowException) -> bool:
+    """True for a store's unique-key failure on a data set row (PostgreSQL, MySQL or SQLite wording)."""
+    text = str(err).lower()
+    return "dataset" in text and ("unique" in text or "duplicate" in text)
 
 
 def local_artifact_dir(artifact_uri: str) -> Path | None:

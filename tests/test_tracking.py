@@ -303,3 +303,44 @@ def test_after_a_failed_upload_nothing_more_is_stored():
     uploads.submit(done.append, "epoch 2")
     uploads.close()
     assert done == ["epoch 0"]
+
+
+def test_a_data_set_logged_by_two_runs_at_once_ends_up_linked_to_both(tmp_path, monkeypatch):
+    """Two tune workers starting trials at once log the same data set: the store looks it up, then inserts
+    it, so both can insert and the later one fails on the unique key (seen on PostgreSQL in CI, where the
+    worker died). ``log_data`` tries once more, which finds the data set and links it; other store errors
+    are raised."""
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    tracker = CvTracker("race")
+    first, second = (tracker.client.create_run(tracker.experiment_id).info.run_id for _ in range(2))
+    table = pd.DataFrame({"id": ["JAX_0", "OMA_0"], "city": ["JAX", "OMA"], "fold": [0, 1]})
+    tracker.log_data(first, table, str(tmp_path), "d" * 64)  # the other worker's insert won the race
+
+    calls = []
+    original = MlflowClient.log_inputs
+
+    def loses_the_race(self, run_id, datasets=None, models=None):
+        calls.append(run_id)
+        if len(calls) == 1:  # what the server answered the worker that died
+            raise MlflowException(
+                'BAD_REQUEST: (psycopg2.errors.UniqueViolation) duplicate key value violates unique constraint '
+                '"dataset_pk" DETAIL: Key (experiment_id, name, digest)=(3, geopose-train, dddd) already exists.'
+            )
+        return original(self, run_id, datasets, models)
+
+    monkeypatch.setattr(MlflowClient, "log_inputs", loses_the_race)
+    tracker.log_data(second, table, str(tmp_path), "d" * 64)
+    assert calls == [second, second]
+    for run_id in (first, second):
+        (linked,) = MlflowClient().get_run(run_id).inputs.dataset_inputs
+        assert linked.dataset.name == "geopose-train" and linked.dataset.digest == "d" * 36
+
+    def store_down(self, run_id, datasets=None, models=None):
+        raise MlflowException("connection refused")
+
+    monkeypatch.setattr(MlflowClient, "log_inputs", store_down)
+    with pytest.raises(MlflowException, match="connection refused"):
+        tracker.log_data(second, table, str(tmp_path), "d" * 64)
