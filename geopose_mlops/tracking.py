@@ -103,13 +103,21 @@ def default_artifact_location(name: str) -> str | None:
 def ensure_experiment(name: str, artifact_location: str | None = None) -> str:
     """The id of experiment ``name``, created with ``artifact_location`` if it does not exist yet.
 
-    With no ``artifact_location``, ``default_artifact_location`` decides.
+    With no ``artifact_location``, ``default_artifact_location`` decides. Workers starting at once (tune
+    or fold workers on one server) may all find it missing: those whose creation loses the race take the
+    winner's.
     """
     client = MlflowClient()
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location or default_artifact_location(name))
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location or default_artifact_location(name))
+    except MlflowException as err:
+        found = client.get_experiment_by_name(name) if err.error_code == "RESOURCE_ALREADY_EXISTS" else None
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 class CvTracker:

@@ -344,3 +344,23 @@ def test_a_data_set_logged_by_two_runs_at_once_ends_up_linked_to_both(tmp_path, 
     monkeypatch.setattr(MlflowClient, "log_inputs", store_down)
     with pytest.raises(MlflowException, match="connection refused"):
         tracker.log_data(second, table, str(tmp_path), "d" * 64)
+
+
+def test_workers_creating_the_same_experiment_at_once_all_get_the_one_that_was_made(tmp_path, monkeypatch):
+    """Two workers look the experiment up, find nothing, and both create it: the store refuses the later
+    one (RESOURCE_ALREADY_EXISTS), and that worker takes the experiment the other one made."""
+    from geopose_mlops.tracking import ensure_experiment
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    made_by_the_other = MlflowClient().create_experiment("workers")
+    looked_up = []
+    original = MlflowClient.get_experiment_by_name
+
+    def stale_first_look(self, name):
+        looked_up.append(name)
+        return None if len(looked_up) == 1 else original(self, name)  # as read before the other's commit
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", stale_first_look)
+    assert ensure_experiment("workers") == made_by_the_other
+    assert looked_up == ["workers", "workers"]
+    assert [e.name for e in MlflowClient().search_experiments()].count("workers") == 1

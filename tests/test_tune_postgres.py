@@ -94,9 +94,7 @@ def test_two_workers_on_postgres_and_a_killed_one_leaves_a_failed_trial(tracking
     make_synthetic_dataset(data, images_per_city=2, size=64, seed=0, cities=("JAX", "OMA"), rgb_format="tif")
     study_file = write_study(tmp_path, data)
     storage = tracking_stack.optuna_storage("optuna_tune_workers")
-    client = MlflowClient(tracking_stack.tracking_uri)
-    # Two workers creating the experiment at once can both try; make it first.
-    experiment_id = client.create_experiment(EXPERIMENT)
+    client = MlflowClient(tracking_stack.tracking_uri)  # both workers start at once and create the experiment
 
     logs = tmp_path / "a.log", tmp_path / "b.log"
     victim = start_worker(study_file, storage, 1, tracking_stack.tracking_uri, logs[0])
@@ -130,6 +128,7 @@ def test_two_workers_on_postgres_and_a_killed_one_leaves_a_failed_trial(tracking
     survivor_tag = f":{survivor.pid}"
     assert all(t.user_attrs["worker"].endswith(survivor_tag) for t in trials if t.number != killed)
 
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
     studies = client.search_runs([experiment_id], f"tags.`{KIND_TAG}` = 'study'")
     assert len(studies) == 1, "both workers use one study run"
     study_run = studies[0]
