@@ -157,6 +157,10 @@ def _train_options(command):
     return command
 
 
+# train options that are not TrainConfig fields: where and how the run is tracked and stored.
+RUN_OPTIONS = ("experiment", "resume", "cache_dir", "parent_run_id", "work_dir")
+
+
 def _train_config(folds: str, options: dict):
     """The TrainConfig of the train options; pops its options, leaving experiment, resume, cache_dir, ..."""
     from geopose_mlops.config import ModelConfig, TrainConfig
@@ -172,8 +176,7 @@ def _train_config(folds: str, options: dict):
     # 0 and "" stand for "not given", as MLproject parameters cannot be left out.
     options["effective_batch_size"] = options["effective_batch_size"] or None
     options["crop_size"] = options["crop_size"] or None
-    rest_keys = ("experiment", "resume", "cache_dir", "parent_run_id", "work_dir")
-    rest = {key: options.pop(key) for key in rest_keys if key in options}
+    rest = {key: options.pop(key) for key in RUN_OPTIONS if key in options}
     config = TrainConfig(data_dir=str(options.pop("data_dir")), model=model, folds=fold_list, **options)
     options.update(rest)
     return config
@@ -314,7 +317,7 @@ def server(
 
 
 def _run_fold_worker(parent_run_id: str, folds: str, options: dict) -> None:
-    from geopose_mlops.train.shared_cv import MODEL_OPTIONS, run_fold_worker
+    from geopose_mlops.train.shared_cv import option_value, run_fold_worker
 
     if folds.strip() == "all":
         raise ConfigError("--parent-run-id needs --folds: the folds this worker trains, e.g. --folds 1")
@@ -322,11 +325,11 @@ def _run_fold_worker(parent_run_id: str, folds: str, options: dict) -> None:
     given = [
         name
         for name in options
-        if name not in ("data_dir", "experiment", "resume", "cache_dir", "work_dir")
+        if name not in (*RUN_OPTIONS, "data_dir")  # the data set's path is this machine's own
         and context.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     ]
     config = _train_config(folds, options)
-    values = {name: getattr(config.model if name in MODEL_OPTIONS else config, name) for name in given}
+    values = {name: option_value(config, name) for name in given}
     click.echo(f"joining cv run {parent_run_id}: its configuration is used; data from {config.data_dir}")
     folds_to_train = list(config.fold_list())
     result = run_fold_worker(

@@ -81,6 +81,11 @@ def _load_shared(tracker, cv_run_id: str) -> tuple[TrainConfig, pd.DataFrame]:
     return config, folds_table
 
 
+def option_value(config: TrainConfig, name: str) -> object:
+    """The value of training option ``name`` (a ``TrainConfig`` or ``ModelConfig`` field) in ``config``."""
+    return getattr(config.model if name in MODEL_OPTIONS else config, name)
+
+
 def worker_config(config: TrainConfig, cv_run_id: str, options: Mapping[str, object]) -> TrainConfig:
     """The cv run's configuration with this worker's local options (``LOCAL_OPTIONS``) applied.
 
@@ -97,7 +102,7 @@ def worker_config(config: TrainConfig, cv_run_id: str, options: Mapping[str, obj
     for name, value in options.items():
         if name in LOCAL_OPTIONS:
             continue
-        stored = getattr(config.model, name) if name in MODEL_OPTIONS else getattr(config, name)
+        stored = option_value(config, name)
         if value != stored:
             differing.append(f"{name} {value!r} (the run's: {stored!r})")
     if differing:
