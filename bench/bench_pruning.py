@@ -75,7 +75,7 @@ def run_one(config, root: Path, pruner: str, n_trials: int) -> tuple[int, float,
     import optuna
 
     from geopose_mlops.train import cv
-    from geopose_mlops.tuning import run_study
+    from geopose_mlops.tune.study import run_study
 
     study_config = dataclasses.replace(
         config,
@@ -106,7 +106,7 @@ def run(args: list[str] | None = None) -> list[dict]:
         import mlflow
         import optuna
 
-        from geopose_mlops.tuning import load_study_config
+        from geopose_mlops.tune.study import load_study_config
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])

@@ -174,7 +174,7 @@ def run(args: list[str] | None = None) -> list[dict]:
 
         from geopose_mlops.config import ModelConfig, TrainConfig
         from geopose_mlops.data.synth import make_synthetic_dataset
-        from geopose_mlops.tracking import CvTracker
+        from geopose_mlops.tracking.runs import CvTracker
         from geopose_mlops.train import loop
         from geopose_mlops.train.cv import prepare_data, train_fold
 

@@ -308,7 +308,7 @@ def server(
     workers: int,
 ) -> None:  # fmt: skip
     """Run a shared MLflow tracking server on PostgreSQL with served artifacts (docs/SCALING.md)."""
-    from geopose_mlops.server import serve
+    from geopose_mlops.tracking.server import serve
 
     serve(backend_store_uri, artifacts_destination, host, port, workers, init_postgres, echo=click.echo)
 
@@ -381,7 +381,7 @@ def cv_finalize(run_id: str) -> None:
 )
 def tune(study_file: Path, n_trials: int | None, timeout: float | None, storage: str | None) -> None:
     """Run or resume an Optuna study over lr and effective batch size; every trial a tracked run."""
-    from geopose_mlops.tuning import describe_study, load_study_config, run_study
+    from geopose_mlops.tune.study import describe_study, load_study_config, run_study
 
     config = load_study_config(study_file)
     with _sigterm_as_interrupt():

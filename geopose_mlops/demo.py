@@ -140,7 +140,7 @@ def run_demo(
     from geopose_mlops.data.folds import make_folds, write_folds
     from geopose_mlops.data.synth import make_synthetic_dataset
     from geopose_mlops.metrics import evaluate_folder
-    from geopose_mlops.tracking import CvTracker, ensure_experiment
+    from geopose_mlops.tracking.runs import CvTracker, ensure_experiment
     from geopose_mlops.train.cv import run_cross_validation
 
     settings = settings or DemoSettings()
@@ -228,8 +228,8 @@ def _run_demo_study(workdir: Path, base: TrainConfig, settings: DemoSettings, sa
     import optuna
 
     from geopose_mlops.config import from_dict, to_dict
-    from geopose_mlops.study_config import StudyConfig
-    from geopose_mlops.tuning import describe_study, run_study
+    from geopose_mlops.tune.study import describe_study, run_study
+    from geopose_mlops.tune.study_file import StudyConfig
 
     train = to_dict(replace(base, epochs=settings.study_epochs, model=ModelConfig(*settings.architectures[0][::-1])))
     config = from_dict(

@@ -32,7 +32,7 @@ from geopose_mlops.ensemble.fit import EnsembleSpec, fit_ensemble
 from geopose_mlops.ensemble.stats import MemberOof, read_image_table
 from geopose_mlops.errors import ConfigError, GeoposeError
 from geopose_mlops.inference import CHECKPOINTS_DIR, EnsemblePredictor
-from geopose_mlops.tracking import FINGERPRINT_PARAM, CvTracker, code_version
+from geopose_mlops.tracking.runs import FINGERPRINT_PARAM, CvTracker, code_version
 
 ENSEMBLE_RUN_TAG = "geopose.ensemble_run_id"
 ENSEMBLE_JSON = "ensemble.json"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from geopose_mlops.constants import CITIES, DEFAULT_EXPERIMENT
 from geopose_mlops.errors import ConfigError, DataError
-from geopose_mlops.tracking import CvRun, EnsembleRun, FoldRun, log_report_run, read_tracked_runs
+from geopose_mlops.tracking.reads import CvRun, EnsembleRun, FoldRun, log_report_run, read_tracked_runs
 
 LEADERBOARD_MD = "leaderboard.md"
 LEADERBOARD_CSV = "leaderboard.csv"

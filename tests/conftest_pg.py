@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from geopose_mlops.server import MlflowServer, PostgresCluster, ServerError
+from geopose_mlops.tracking.server import MlflowServer, PostgresCluster, ServerError
 
 
 @dataclass

@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from geopose_mlops.data.dataset import EpochSampler
-from geopose_mlops.server import free_port
+from geopose_mlops.tracking.server import free_port
 from geopose_mlops.train import distributed
 
 

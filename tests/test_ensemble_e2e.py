@@ -139,7 +139,7 @@ def test_a_search_keeps_the_best_runs_data_and_names_the_runs_it_leaves_out(tmp_
     from geopose_mlops.constants import KIND_CV, KIND_TAG
     from geopose_mlops.errors import ConfigError
     from geopose_mlops.registry import select_cv_runs
-    from geopose_mlops.tracking import FINGERPRINT_PARAM
+    from geopose_mlops.tracking.runs import FINGERPRINT_PARAM
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     client = MlflowClient()

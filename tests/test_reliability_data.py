@@ -15,7 +15,7 @@ from reliability_helpers import TINY_TRAIN, make_bad_dataset
 from geopose_mlops.cli import main
 from geopose_mlops.constants import KIND_CV, KIND_TAG
 from geopose_mlops.data.check import usable_samples
-from geopose_mlops.tracking import SKIPPED_FILES
+from geopose_mlops.tracking.runs import SKIPPED_FILES
 
 
 @pytest.fixture(scope="module")

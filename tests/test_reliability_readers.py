@@ -23,7 +23,7 @@ from rasterio.errors import NotGeoreferencedWarning
 from geopose_mlops.data import io, layout
 from geopose_mlops.data.folds import read_folds
 from geopose_mlops.errors import GeoposeError
-from geopose_mlops.study_config import load_study_config
+from geopose_mlops.tune.study_file import load_study_config
 
 PROPERTY = settings(
     max_examples=60, deadline=5000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]

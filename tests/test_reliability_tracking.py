@@ -22,7 +22,7 @@ from reliability_helpers import TINY_TRAIN, cli_command, cli_env
 from geopose_mlops.cli import main
 from geopose_mlops.constants import KIND_CV, KIND_FOLD, KIND_TAG
 from geopose_mlops.data.synth import make_synthetic_dataset
-from geopose_mlops.server import MlflowServer, free_port
+from geopose_mlops.tracking.server import MlflowServer, free_port
 from geopose_mlops.train.checkpoint import LAST_NAME, load_checkpoint
 
 EPOCHS = 4

@@ -16,7 +16,7 @@ from tiny_cv import run_tiny_cv
 from geopose_mlops.cli import main
 from geopose_mlops.constants import KIND_TAG
 from geopose_mlops.report import CURVES_PNG, ENSEMBLE_PNG, LEADERBOARD_CSV, LEADERBOARD_MD, make_report
-from geopose_mlops.tracking import read_tracked_runs
+from geopose_mlops.tracking.reads import read_tracked_runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EXPERIMENT = "geopose-report-test"

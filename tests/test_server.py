@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from geopose_mlops.server import MlflowServer, ServerError, free_port, mlflow_server_command
+from geopose_mlops.tracking.server import MlflowServer, ServerError, free_port, mlflow_server_command
 
 pytest_plugins = ["conftest_pg"]
 

@@ -111,7 +111,7 @@ def test_a_worker_refuses_options_that_would_train_its_fold_differently(tmp_path
     assert client.search_runs([client.get_experiment_by_name("shared-cv").experiment_id],
                               f"tags.mlflow.parentRunId = '{cv_run_id}'") == []  # fmt: skip
 
-    from geopose_mlops.tracking import CvTracker
+    from geopose_mlops.tracking.runs import CvTracker
     from geopose_mlops.train.shared_cv import _load_shared
 
     config, _ = _load_shared(CvTracker("shared-cv"), cv_run_id)

@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from geopose_mlops.errors import ConfigError
-from geopose_mlops.study_config import BatchSizeRange, SearchSpace, StudyConfig, load_study_config
-from geopose_mlops.tuning import build_storage, micro_batch_size, suggest_hyperparameters, trial_train_config
+from geopose_mlops.tune.study import build_storage, micro_batch_size, suggest_hyperparameters, trial_train_config
+from geopose_mlops.tune.study_file import BatchSizeRange, SearchSpace, StudyConfig, load_study_config
 
 REPO = Path(__file__).resolve().parents[1]
 

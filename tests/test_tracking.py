@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from geopose_mlops.config import ModelConfig, TrainConfig
 from geopose_mlops.constants import KIND_CV, KIND_FOLD, KIND_TAG
 from geopose_mlops.data.synth import make_synthetic_dataset
-from geopose_mlops.tracking import CvTracker
+from geopose_mlops.tracking.runs import CvTracker
 from geopose_mlops.train.checkpoint import load_checkpoint
 from geopose_mlops.train.cv import run_cross_validation
 from geopose_mlops.train.oof import score_oof_folders
@@ -177,7 +177,7 @@ def test_killed_and_resumed_fold_logs_every_epoch_once(data_dir, tmp_path, monke
 
 
 def test_experiments_of_a_sqlite_store_keep_artifacts_beside_it(tmp_path, monkeypatch) -> None:
-    from geopose_mlops.tracking import ensure_experiment
+    from geopose_mlops.tracking.runs import ensure_experiment
 
     monkeypatch.chdir(tmp_path)  # MLflow's own default would be ./mlruns here
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/store/mlflow.db")
@@ -349,7 +349,7 @@ def test_a_data_set_logged_by_two_runs_at_once_ends_up_linked_to_both(tmp_path, 
 def test_workers_creating_the_same_experiment_at_once_all_get_the_one_that_was_made(tmp_path, monkeypatch):
     """Two workers look the experiment up, find nothing, and both create it: the store refuses the later
     one (RESOURCE_ALREADY_EXISTS), and that worker takes the experiment the other one made."""
-    from geopose_mlops.tracking import ensure_experiment
+    from geopose_mlops.tracking.runs import ensure_experiment
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     made_by_the_other = MlflowClient().create_experiment("workers")

@@ -24,7 +24,7 @@ from tiny_cv import write_study_file
 
 from geopose_mlops.constants import KIND_TAG
 from geopose_mlops.data.synth import make_synthetic_dataset
-from geopose_mlops.tracking_tuning import DEAD_WORKER_TAG, TRIAL_NUMBER_TAG, TRIAL_STATE_TAG
+from geopose_mlops.tracking.studies import DEAD_WORKER_TAG, TRIAL_NUMBER_TAG, TRIAL_STATE_TAG
 
 pytest_plugins = ["conftest_pg"]
 

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from tiny_cv import write_study_file
 
 from geopose_mlops.cli import main
-from geopose_mlops.tracking_tuning import TRIAL_NUMBER_TAG, TRIAL_STATE_TAG
+from geopose_mlops.tracking.studies import TRIAL_NUMBER_TAG, TRIAL_STATE_TAG
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -273,7 +273,7 @@ def train_fold(
     """
     from geopose_mlops.models.factory import build_model
     from geopose_mlops.models.losses import build_loss
-    from geopose_mlops.tracking_store import is_store_error
+    from geopose_mlops.tracking.store import is_store_error
 
     context = context or distributed.DistributedContext(device=device or default_device())
     device = context.device
@@ -460,8 +460,8 @@ def run_cross_validation(
         The parent run id, ``cv_score``, per-city scores and the folds' results.
     """
     from geopose_mlops.models.factory import validate_model_config
-    from geopose_mlops.tracking import CvTracker
-    from geopose_mlops.tracking_store import check_tracking_store
+    from geopose_mlops.tracking.runs import CvTracker
+    from geopose_mlops.tracking.store import check_tracking_store
 
     if not resume_run_id:
         validate_model_config(config.model)  # an unknown encoder fails before any run exists
@@ -491,7 +491,7 @@ def _run_cross_validation(
     context: distributed.DistributedContext,
     tracker,
 ) -> CvResult:
-    from geopose_mlops.tracking_store import is_store_error, store_error
+    from geopose_mlops.tracking.store import is_store_error, store_error
 
     tracker = distributed.MainRankTracker(tracker, context)
     folds_table = None

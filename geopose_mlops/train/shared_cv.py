@@ -57,7 +57,7 @@ def start_shared_cv(
         experiment: MLflow experiment name.
         cache_root: Preprocessing cache folder (None: ``DATA/.geopose_cache``).
     """
-    from geopose_mlops.tracking import CvTracker
+    from geopose_mlops.tracking.runs import CvTracker
 
     tracker = CvTracker(experiment)
     data = prepare_data(config, cache_root)
@@ -143,7 +143,7 @@ def run_fold_worker(
     """
     import torch
 
-    from geopose_mlops.tracking import CvTracker
+    from geopose_mlops.tracking.runs import CvTracker
 
     tracker = CvTracker()
     config, folds_table = _load_shared(tracker, cv_run_id)
@@ -194,7 +194,7 @@ def finalize_cv(cv_run_id: str, require_complete: bool = True) -> CvResult | Non
     Raises:
         GeoposeError: ``require_complete`` and some folds have no FINISHED run (they are named).
     """
-    from geopose_mlops.tracking import CvTracker
+    from geopose_mlops.tracking.runs import CvTracker
 
     tracker = CvTracker()
     config, _ = _load_shared(tracker, cv_run_id)

@@ -44,8 +44,8 @@ from sqlalchemy.engine import make_url
 
 from geopose_mlops.config import TrainConfig, flatten
 from geopose_mlops.errors import ConfigError, GeoposeError
-from geopose_mlops.study_config import PrunerConfig, SamplerConfig, SearchSpace, StudyConfig, load_study_config
-from geopose_mlops.tracking_tuning import StudyTracker
+from geopose_mlops.tracking.studies import StudyTracker
+from geopose_mlops.tune.study_file import PrunerConfig, SamplerConfig, SearchSpace, StudyConfig, load_study_config
 
 STORAGE_ATTEMPTS = 3  # tries at opening a storage whose tables another worker is creating
 

@@ -1,0 +1,1 @@
+"""Optuna studies: the study file and the study that runs its trials."""
