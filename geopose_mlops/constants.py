@@ -43,6 +43,15 @@ KIND_CV, KIND_FOLD, KIND_STUDY, KIND_TRIAL, KIND_ENSEMBLE, KIND_REPORT = (
 )
 REGISTERED_MODEL = "geopose-ensemble"
 CHAMPION_ALIAS = "champion"
+FOLD_TAG = "geopose.fold"  # the fold number of a fold run
+CODE_VERSION_TAG = "geopose.code_version"  # package version + digest of its sources (tracking.runs.code_version)
+
+# --- Artifact layout of a run and of a packaged ensemble (SPEC §4). ---
+CHECKPOINT_DIR = "checkpoints"  # fold run: best.pt, last.pt; packaged ensemble: <member>/fold<N>.pt
+BEST_NAME, LAST_NAME = "best.pt", "last.pt"  # weights of the best epoch; full state of the last (resume)
+OOF_DIR = "oof"  # fold run: out-of-fold predictions of the best epoch
+CONFIG_JSON = "config.json"  # cv run: the TrainConfig that rebuilds it
+ENSEMBLE_JSON = "ensemble.json"  # ensemble run: members, weights, city factors, scale model
 
 # --- Metric (SPEC §1). ---
 R2_EPS = 1e-4  # added to the total sum of squares, as the competition's scorer does

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from geopose_mlops.constants import AGL, CITIES, SCALE, XYDIR
+from geopose_mlops.constants import AGL, CHECKPOINT_DIR, CITIES, ENSEMBLE_JSON, SCALE, XYDIR
 from geopose_mlops.data import io
 from geopose_mlops.data.augment import invert_geometric, transform_array
 from geopose_mlops.data.layout import Sample, find_samples, read_metadata, split_name
@@ -30,7 +30,6 @@ TTA_VIEWS = {
     "flip": ("identity", "hflip"),
     "d4": ("identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "transverse"),
 }
-CHECKPOINTS_DIR = "checkpoints"
 
 
 class EnsemblePredictor:
@@ -45,13 +44,13 @@ class EnsemblePredictor:
         from geopose_mlops.train.checkpoint import model_from_checkpoint
 
         folder = Path(folder)
-        self.spec = EnsembleSpec.load(folder / "ensemble.json")
+        self.spec = EnsembleSpec.load(folder / ENSEMBLE_JSON)
         self.device = torch.device(device)
         self.members: list[list[torch.nn.Module]] = []
         for member in self.spec.members:
-            paths = sorted((folder / CHECKPOINTS_DIR / member).glob("*.pt"))
+            paths = sorted((folder / CHECKPOINT_DIR / member).glob("*.pt"))
             if not paths:
-                raise DataError(folder / CHECKPOINTS_DIR / member, "no fold checkpoints for this member")
+                raise DataError(folder / CHECKPOINT_DIR / member, "no fold checkpoints for this member")
             self.members.append([model_from_checkpoint(p, self.device)[0] for p in paths])
         self.scale_model = None
         if self.spec.scale_model:

@@ -21,8 +21,12 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from geopose_mlops.constants import (
+    BEST_NAME,
     CHAMPION_ALIAS,
+    CHECKPOINT_DIR,
+    CODE_VERSION_TAG,
     DEFAULT_EXPERIMENT,
+    ENSEMBLE_JSON,
     KIND_CV,
     KIND_ENSEMBLE,
     KIND_TAG,
@@ -31,11 +35,10 @@ from geopose_mlops.constants import (
 from geopose_mlops.ensemble.fit import EnsembleSpec, fit_ensemble
 from geopose_mlops.ensemble.stats import MemberOof, read_image_table
 from geopose_mlops.errors import ConfigError, GeoposeError
-from geopose_mlops.inference import CHECKPOINTS_DIR, EnsemblePredictor
+from geopose_mlops.inference import EnsemblePredictor
 from geopose_mlops.tracking.runs import FINGERPRINT_PARAM, CvTracker, code_version
 
 ENSEMBLE_RUN_TAG = "geopose.ensemble_run_id"
-ENSEMBLE_JSON = "ensemble.json"
 CANDIDATE_TAG_PREFIX = "geopose.candidate."  # + alias: the version was promoted for that alias
 
 
@@ -130,7 +133,7 @@ def fit_tracked_ensemble(
         run_id = client.create_run(
             runs[0].info.experiment_id,
             run_name=f"ensemble-{method}-{len(members)}",
-            tags={KIND_TAG: KIND_ENSEMBLE, "geopose.code_version": code_version()},
+            tags={KIND_TAG: KIND_ENSEMBLE, CODE_VERSION_TAG: code_version()},
         ).info.run_id
         metrics = {
             "oof_score": spec.oof_score,
@@ -184,10 +187,10 @@ def _package(run_id: str, folder: Path) -> EnsembleSpec:
     for member, folds in spec.member_folds.items():
         for fold, fold_run_id in folds.items():
             with tempfile.TemporaryDirectory() as tmp:
-                path = Path(client.download_artifacts(fold_run_id, "checkpoints/best.pt", tmp))
+                path = Path(client.download_artifacts(fold_run_id, f"{CHECKPOINT_DIR}/{BEST_NAME}", tmp))
                 state = torch.load(path, map_location="cpu", weights_only=True)
                 state["optimizer"], state["scaler"] = None, {}  # serving needs the weights alone
-                target = folder / CHECKPOINTS_DIR / member / f"fold{fold}.pt"
+                target = folder / CHECKPOINT_DIR / member / f"fold{fold}.pt"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(state, target)
     return spec

@@ -12,11 +12,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from geopose_mlops.config import ModelConfig, TrainConfig
-from geopose_mlops.constants import KIND_CV, KIND_FOLD, KIND_TAG
+from geopose_mlops.constants import KIND_CV, KIND_FOLD, KIND_TAG, LAST_NAME
 from geopose_mlops.errors import GeoposeError
 from geopose_mlops.metrics import GeoposeMetric, NoTruthWarning
 from geopose_mlops.models import losses
-from geopose_mlops.train.checkpoint import LAST_NAME, load_checkpoint
+from geopose_mlops.train.checkpoint import load_checkpoint
 from geopose_mlops.train.cv import run_cross_validation
 
 

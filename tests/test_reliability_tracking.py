@@ -20,10 +20,10 @@ from mlflow.tracking import MlflowClient
 from reliability_helpers import TINY_TRAIN, cli_command, cli_env
 
 from geopose_mlops.cli import main
-from geopose_mlops.constants import KIND_CV, KIND_FOLD, KIND_TAG
+from geopose_mlops.constants import KIND_CV, KIND_FOLD, KIND_TAG, LAST_NAME
 from geopose_mlops.data.synth import make_synthetic_dataset
 from geopose_mlops.tracking.server import MlflowServer, free_port
-from geopose_mlops.train.checkpoint import LAST_NAME, load_checkpoint
+from geopose_mlops.train.checkpoint import load_checkpoint
 
 EPOCHS = 4
 # MLflow's client retries a failed request for minutes by default; a test (or an impatient user) may

@@ -30,13 +30,20 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_I
 
 import geopose_mlops
 from geopose_mlops.config import TrainConfig, save_json_config
-from geopose_mlops.constants import DEFAULT_EXPERIMENT, KIND_CV, KIND_FOLD, KIND_TAG
+from geopose_mlops.constants import (
+    CHECKPOINT_DIR,
+    CODE_VERSION_TAG,
+    CONFIG_JSON,
+    DEFAULT_EXPERIMENT,
+    FOLD_TAG,
+    KIND_CV,
+    KIND_FOLD,
+    KIND_TAG,
+    OOF_DIR,
+)
 from geopose_mlops.errors import ConfigError
 
-FOLD_TAG = "geopose.fold"
-CODE_VERSION_TAG = "geopose.code_version"
 FINGERPRINT_PARAM = "data_fingerprint"
-CHECKPOINT_DIR, OOF_DIR = "checkpoints", "oof"
 SKIPPED_FILES = "skipped_files.csv"  # artifact of a cv run trained with skip_bad
 MAX_BATCH = 500  # below the tracking server's per-request limit of 1000 metrics
 
@@ -352,7 +359,7 @@ class CvTracker:
     def log_config(self, cv_run_id: str, config: TrainConfig) -> None:
         """``config.json``: the TrainConfig that rebuilds this cross-validation."""
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "config.json"
+            path = Path(tmp) / CONFIG_JSON
             save_json_config(config, path)
             self.client.log_artifact(cv_run_id, str(path))
 

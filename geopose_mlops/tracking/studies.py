@@ -28,8 +28,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from geopose_mlops.constants import KIND_STUDY, KIND_TAG, KIND_TRIAL
-from geopose_mlops.tracking.runs import CODE_VERSION_TAG, CvTracker, code_version
+from geopose_mlops.constants import CODE_VERSION_TAG, KIND_STUDY, KIND_TAG, KIND_TRIAL
+from geopose_mlops.tracking.runs import CvTracker, code_version
 
 STUDY_NAME_TAG = "optuna.study_name"
 STORAGE_TAG = "optuna.storage"

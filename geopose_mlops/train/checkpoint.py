@@ -21,7 +21,6 @@ from geopose_mlops.data.io import atomic_path
 from geopose_mlops.errors import DataError
 
 CHECKPOINT_FORMAT = 1
-BEST_NAME, LAST_NAME = "best.pt", "last.pt"
 
 
 def save_checkpoint(

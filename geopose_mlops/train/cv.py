@@ -30,14 +30,14 @@ import torch
 from tqdm import tqdm
 
 from geopose_mlops.config import TrainConfig, load_json_config
-from geopose_mlops.constants import DEFAULT_EXPERIMENT, FOLDS_CSV
+from geopose_mlops.constants import BEST_NAME, CONFIG_JSON, DEFAULT_EXPERIMENT, FOLDS_CSV, LAST_NAME
 from geopose_mlops.data.cache import SampleCache, build_cache
 from geopose_mlops.data.check import usable_samples
 from geopose_mlops.data.dataset import GeoposeDataset
 from geopose_mlops.data.folds import make_folds, read_folds
 from geopose_mlops.errors import BadFilesError, ConfigError, DataError, GeoposeError
 from geopose_mlops.train import distributed, loop
-from geopose_mlops.train.checkpoint import BEST_NAME, LAST_NAME, load_checkpoint, save_checkpoint
+from geopose_mlops.train.checkpoint import load_checkpoint, save_checkpoint
 from geopose_mlops.train.oof import score_oof_folders
 
 # on_epoch_end(fold, epoch, metrics): called after each epoch; raise to stop the run.
@@ -499,7 +499,7 @@ def _run_cross_validation(
     if resume_run_id:
         if context.is_main:
             run_id, _ = tracker.resume_target(resume_run_id)
-            config = load_json_config(TrainConfig, tracker.download_artifact(run_id, "config.json"))
+            config = load_json_config(TrainConfig, tracker.download_artifact(run_id, CONFIG_JSON))
             folds_table = pd.read_csv(tracker.download_artifact(run_id, FOLDS_CSV))
             existing = tracker.fold_runs(run_id)
         run_id, config, folds_table, existing = distributed.broadcast_from_main(

@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from geopose_mlops.config import ModelConfig, TrainConfig, load_json_config
-from geopose_mlops.constants import DEFAULT_EXPERIMENT, FOLDS_CSV
+from geopose_mlops.constants import CONFIG_JSON, DEFAULT_EXPERIMENT, FOLDS_CSV
 from geopose_mlops.errors import ConfigError, DataError, GeoposeError
 from geopose_mlops.train.cv import CvResult, FoldResult, prepare_data, train_fold
 from geopose_mlops.train.oof import score_oof_folders
@@ -76,7 +76,7 @@ def _load_shared(tracker, cv_run_id: str) -> tuple[TrainConfig, pd.DataFrame]:
     target, fold = tracker.resume_target(cv_run_id)
     if fold is not None:
         raise ConfigError(f"--parent-run-id {cv_run_id} is the run of fold {fold}; give its cv run {target}")
-    config = load_json_config(TrainConfig, tracker.download_artifact(cv_run_id, "config.json"))
+    config = load_json_config(TrainConfig, tracker.download_artifact(cv_run_id, CONFIG_JSON))
     folds_table = pd.read_csv(tracker.download_artifact(cv_run_id, FOLDS_CSV))
     return config, folds_table
 
