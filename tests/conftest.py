@@ -1,7 +1,14 @@
-"""Shared fixtures: one tiny synthetic data set per test session (torchgeo style: SIZE small, seed 0)."""
+"""Shared fixtures: a private tracking store for every test, and one tiny synthetic data set per session.
+
+The data set follows torchgeo's fixtures (SIZE small, seed 0). The tracking store follows MLflow's own
+test suite, whose autouse fixture points every test at a fresh store: here a SQLite file in the test's
+``tmp_path``, set both for this process (``mlflow.set_tracking_uri``) and for the commands a test
+starts (``MLFLOW_TRACKING_URI``), and the previous values restored afterwards.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +17,22 @@ from geopose_mlops.data.synth import make_synthetic_dataset
 
 SIZE = 64  # pixels
 SEED = 0
+
+
+@pytest.fixture(autouse=True)
+def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """This test's own SQLite tracking store, ``sqlite:///<tmp_path>/mlflow.db`` (created on first use).
+
+    A test that needs another store (a server) sets it itself; the fixture restores what was there before.
+    """
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(previous)
 
 
 @pytest.fixture(scope="session")
