@@ -1,4 +1,6 @@
-# `make demo` and `make test` each set up .venv on a fresh machine, then run.
+# `make demo` and `make test` each set up .venv on a fresh machine, then run. `make test` also installs the
+# Debian packages its integration tests need (PostgreSQL, Chromium) where it runs as root with apt-get, and
+# names the tests that will be skipped where it cannot (scripts/system-packages).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -16,6 +18,7 @@ demo: $(STAMP)
 	$(BIN)/geopose-ml demo --workdir demo_work
 
 test: $(STAMP)
+	scripts/system-packages
 	$(BIN)/ruff check geopose_mlops tests bench
 	$(BIN)/python -m pytest -v -ra --durations=15
 
