@@ -192,6 +192,24 @@ def test_city_factor_not_kept_when_the_other_folds_mislead(tmp_path) -> None:
     assert spec.oof_city_scores["ARG"] == pytest.approx(plain, abs=1e-12)
 
 
+def test_city_factor_outside_the_sane_range_is_refused_with_a_warning_naming_the_city(tmp_path) -> None:
+    # Members predict a quarter of OMA's heights (a model that barely learned): the closed-form factor
+    # would be x4, which the nested check alone would keep; the range refuses it and says so.
+    table = read_image_table(write_members(tmp_path, [0.2], n_per_city=8, height_gain={"OMA": 0.25, "ARG": 0.8}))
+    with pytest.warns(UserWarning, match=r"city height factor of OMA refused: x4"):
+        spec, stats = fit_ensemble(table, "equal")
+    assert fit_city_factors(stats, "equal", np.array([1.0]))["OMA"] == pytest.approx(4.0, rel=0.02)
+    assert "OMA" not in spec.city_height_factors
+    assert spec.city_height_factors["ARG"] == pytest.approx(1 / 0.8, rel=0.02)  # inside the range: kept
+
+
+def test_city_factors_can_be_switched_off(tmp_path) -> None:
+    table = read_image_table(write_members(tmp_path, [0.5], n_per_city=8, height_gain={"ARG": 0.8}))
+    spec, _ = fit_ensemble(table, "equal", city_factors=False)
+    assert spec.city_height_factors == {}
+    assert spec.oof_score == pytest.approx(spec.method_oof_scores["equal"], abs=1e-12)  # nothing but the weights
+
+
 def test_scale_model_kept_only_when_it_improves_the_nested_score(tmp_path) -> None:
     # Every member's scale is 30% low in JAX: a model of scale from city and ensemble scale fixes it.
     biased = write_members(tmp_path / "b", [0.5, 1.0], n_per_city=10, size=8, scale_gain={"JAX": 0.7})

@@ -14,8 +14,9 @@ Order of the fit (``fit_ensemble``):
    the simplex, Caruana's greedy selection with replacement, or equal); the variant with the best
    exact score is kept, so simplex never scores below equal weights or the best single member;
 5. per-city height factors (closed form), kept for a city only where factors fitted on the other folds
-   raise that city's score on the held-out fold; then the scale model, kept only if its nested
-   predictions raise the score.
+   raise that city's score on the held-out fold and the factor lies in ``CITY_FACTOR_RANGE``; then the
+   scale model, kept only if its nested predictions raise the score. Either can be switched off
+   (``city_factors=False``, ``scale_model_dir=None``: ``ensemble fit --no-city-factors/--no-scale-model``).
 
 The reported ``oof_score`` uses the in-sample height weights (K - 1 free numbers over every pixel) and
 the factors and scale model as fitted without each image's own fold. OOF weights are fitted on
@@ -25,6 +26,7 @@ single-fold predictions, while at test time each member is the mean of its fold 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +48,7 @@ from geopose_mlops.errors import ConfigError
 
 SCALE_MODEL_FILE = "scale_model.json"
 SCALE_MODEL_VARIANT = "scale_model"
+CITY_FACTOR_RANGE = (0.5, 2.0)  # a height factor outside this is refused: the members, not the city, are off
 
 
 @dataclass
@@ -230,15 +233,73 @@ def candidate_variants(method: str, members: Sequence[str]) -> list[str]:
     return [method, "equal", *(f"member:{m}" for m in members)]
 
 
+def _scale_angle_variants(table: ImageTable) -> tuple[dict, dict]:
+    """(scale, angle) weights of every variant (each method's proxy fit, each member alone) and their values."""
+    k = len(table.members)
+    weights = {name: (fit_scale_weights(table, name), fit_angle_weights(table, name)) for name in METHODS}
+    weights |= {f"member:{m}": (np.eye(k)[i], np.eye(k)[i]) for i, m in enumerate(table.members)}
+    variants = {
+        name: (ensemble_scale(table.scale_pred, v), circular_mean(table.angle_pred, u))
+        for name, (v, u) in weights.items()
+    }
+    return weights, variants
+
+
+def _fit_height_weights(stats: PixelStatistics, members: Sequence[str]) -> tuple[dict, dict, dict]:
+    """Per method, the best (variant, height weights) on the exact score, and each method's score."""
+    k = len(members)
+    heights, chosen = {}, {}
+    for name in METHODS:
+        fits = {v: fit_weights(_height_objective(stats, v), k, name) for v in candidate_variants(name, members)}
+        chosen[name] = max(fits, key=lambda v: ensemble_score(stats, v, fits[v])["final_score"])
+        heights[name] = fits[chosen[name]]
+    scores = {name: ensemble_score(stats, chosen[name], heights[name])["final_score"] for name in METHODS}
+    return heights, chosen, scores
+
+
+def kept_city_factors(stats: PixelStatistics, variant: str, w: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+    """The city height factors that pass the nested fold check and the sane range, and honest group factors.
+
+    A city keeps its factor (fitted on every fold) only where factors fitted on the other folds raise
+    its held-out score, and only inside ``CITY_FACTOR_RANGE``: a factor outside it (a member that barely
+    learned heights, e.g. after one epoch, can ask for x10) is refused with a warning naming the city.
+
+    Returns:
+        (``{city: factor}`` kept, (G,) per-group factors fitted without the group's fold, 1 elsewhere).
+    """
+    gains, nested = nested_city_factors(stats, variant, w)
+    fitted = fit_city_factors(stats, variant, w)
+    low, high = CITY_FACTOR_RANGE
+    factors = {}
+    for city in sorted(city for city, gain in gains.items() if gain > 0 and city in fitted):
+        if low <= fitted[city] <= high:
+            factors[city] = fitted[city]
+        else:
+            warnings.warn(
+                f"city height factor of {city} refused: x{fitted[city]:.3g} is outside [{low}, {high}] "
+                "(the members' heights are far off there; train longer rather than rescale)",
+                stacklevel=3,
+            )
+    honest = np.where([c in factors for c in stats.group_cities], nested, 1.0)
+    return factors, honest
+
+
 def fit_ensemble(
-    table: ImageTable, method: str = "simplex", scale_model_dir: str | Path | None = None
+    table: ImageTable,
+    method: str = "simplex",
+    scale_model_dir: str | Path | None = None,
+    *,
+    city_factors: bool = True,
 ) -> tuple[EnsembleSpec, PixelStatistics]:
     """Fit the whole ensemble on the members' OOF files and score every choice honestly.
 
     Args:
         table: The aligned members (``stats.read_image_table``).
-        method: ``simplex``, ``caruana`` or ``equal``; the other two are fitted too, for comparison.
+        method: ``simplex``, ``caruana`` or ``equal`` height, scale and angle weights; the other two are
+            fitted too, for comparison. Every method also fits city factors and a scale model unless
+            they are switched off.
         scale_model_dir: Where to save the XGBoost scale model if it is kept (None: never fit one).
+        city_factors: Fit per-city height factors (kept where the nested check and the range allow).
 
     Returns:
         (the spec, the pixel statistics it was fitted on).
@@ -249,37 +310,19 @@ def fit_ensemble(
     if method not in METHODS:
         raise ConfigError(f"--method must be one of {METHODS}, got {method!r}")
     k = len(table.members)
-    # (scale weights, angle weights) of every variant: each method's proxy fit, and each member alone.
-    weights = {name: (fit_scale_weights(table, name), fit_angle_weights(table, name)) for name in METHODS}
-    weights |= {f"member:{m}": (np.eye(k)[i], np.eye(k)[i]) for i, m in enumerate(table.members)}
-    variants = {
-        name: (ensemble_scale(table.scale_pred, v), circular_mean(table.angle_pred, u))
-        for name, (v, u) in weights.items()
-    }
-    candidates = candidate_variants(method, table.members)
+    weights, variants = _scale_angle_variants(table)
     if scale_model_dir is not None:
-        for name in candidates:
+        for name in candidate_variants(method, table.members):
             nested_scale = nested_scale_model_predictions(table, variants[name][0])
             if nested_scale is not None:
                 variants[_scale_model_variant(name)] = (nested_scale, variants[name][1])
     stats = accumulate_statistics(table, variants)
-
-    heights, chosen = {}, {}
-    for name in METHODS:
-        fits = {v: fit_weights(_height_objective(stats, v), k, name) for v in candidate_variants(name, table.members)}
-        chosen[name] = max(fits, key=lambda v: ensemble_score(stats, v, fits[v])["final_score"])
-        heights[name] = fits[chosen[name]]
-    method_scores = {name: ensemble_score(stats, chosen[name], heights[name])["final_score"] for name in METHODS}
+    heights, chosen, method_scores = _fit_height_weights(stats, table.members)
     member_scores = {
         m: ensemble_score(stats, f"member:{m}", np.eye(k)[i])["final_score"] for i, m in enumerate(table.members)
     }
     w, variant = heights[method], chosen[method]
-    gains, nested = nested_city_factors(stats, variant, w)
-    kept = {city for city, gain in gains.items() if gain > 0}
-    all_factors = fit_city_factors(stats, variant, w)
-    factors = {city: all_factors[city] for city in sorted(kept) if city in all_factors}
-    # Honest per-group factors: fitted without the group's fold, for the cities that keep one.
-    honest = np.where([c in factors for c in stats.group_cities], nested, 1.0)
+    factors, honest = kept_city_factors(stats, variant, w) if city_factors else ({}, None)
     scored_variant, scale_model = variant, None
     if _scale_model_variant(variant) in stats.variants:
         with_model = ensemble_score(stats, _scale_model_variant(variant), w, honest)["final_score"]
