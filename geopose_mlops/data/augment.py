@@ -16,12 +16,14 @@ operation       pixels                                         angle (rad)
 rotate t°       ``cv2.getRotationMatrix2D(centre, t, 1)``      a + t
 rescale f       side x f                                       scale x f, gsd / f
 crop            window                                         unchanged
+height warp f   heights x f, roofs moved along the flow        unchanged
 ==============  =============================================  ==================
 
 The eight ``D4`` operations are exact permutations of pixels; ``apply_geometric`` and
 ``invert_geometric`` let test-time augmentation transform an input and undo it on the predicted height
 map and angle. Height (AGL, m) is resampled with nearest-neighbour interpolation so no-data (NaN) never
-bleeds into valid pixels; pixels rotated in from outside the image are NaN (RGB 0).
+bleeds into valid pixels; pixels rotated in from outside the image are NaN (RGB 0). The height warp
+(``data/warp.py``, off unless ``height_warp_p`` > 0) runs first, while angle and scale are the image's own.
 
 The geometric operations are explicit numpy/OpenCV calls rather than albumentations transforms because
 the angle update needs the exact sampled parameters; the photometric part (RGB only) is an
@@ -36,6 +38,8 @@ from typing import Any
 import albumentations as A
 import cv2
 import numpy as np
+
+from geopose_mlops.data.warp import HeightWarp
 
 D4 = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "transverse")
 
@@ -171,7 +175,7 @@ def crop_or_pad(rgb: np.ndarray, agl: np.ndarray, size: int, rng: np.random.Gene
 
 
 class TrainAugmentation:
-    """Random D4 operation, free rotation, rescale, crop and colour jitter with consistent targets.
+    """Random height warp, D4 operation, free rotation, rescale, crop and colour jitter with consistent targets.
 
     Call with ``(rgb uint8 (H, W, 3), agl float32 (H, W) m with NaN, angle rad, scale px/m, gsd m/px)``;
     returns the same five, the arrays contiguous and ``crop_size`` square (the input size when
@@ -184,6 +188,8 @@ class TrainAugmentation:
         max_rotation_deg: Free rotations are uniform in [-max, max] degrees.
         scale_range: Rescale factors are log-uniform in this range.
         seed: Seed of the random generator (None: fresh entropy).
+        height_warp_p: Probability of the height warp (``data/warp.py``: heights x a factor in [1, 2],
+            the tallest kept under 200 m); 0 (default) draws nothing, so the other choices are unchanged.
     """
 
     def __init__(
@@ -193,6 +199,7 @@ class TrainAugmentation:
         max_rotation_deg: float = 45.0,
         scale_range: tuple[float, float] = (0.8, 1.25),
         seed: int | None = None,
+        height_warp_p: float = 0.0,
     ) -> None:
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"augmentation probability p={p}: expected a value in [0, 1]")
@@ -204,6 +211,7 @@ class TrainAugmentation:
         self.p = p
         self.max_rotation_deg = max_rotation_deg
         self.scale_range = scale_range
+        self.height_warp = HeightWarp(p=height_warp_p)
         self.colour = A.Compose(
             [
                 A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=1.0),
@@ -224,6 +232,7 @@ class TrainAugmentation:
         """Augment one sample; see the class docstring for units."""
         size = self.crop_size or agl.shape[0]
         rng = self.rng
+        rgb, agl = self.height_warp(rgb, agl, angle, scale, rng)
         if rng.random() < self.p:
             kind = D4[int(rng.integers(1, len(D4)))]
             rgb, agl, angle = apply_geometric(kind, rgb, agl, angle)
@@ -245,11 +254,17 @@ def build_train_augmentation(
     seed: int | None = None,
     max_rotation_deg: float = 45.0,
     scale_range: tuple[float, float] = (0.8, 1.25),
+    height_warp_p: float = 0.0,
 ) -> TrainAugmentation:
     """The training augmentation: ``(rgb, agl, angle, scale, gsd) -> (rgb, agl, angle, scale, gsd)``.
 
     See ``TrainAugmentation`` for the arguments and units.
     """
     return TrainAugmentation(
-        crop_size=crop_size, p=p, max_rotation_deg=max_rotation_deg, scale_range=scale_range, seed=seed
+        crop_size=crop_size,
+        p=p,
+        max_rotation_deg=max_rotation_deg,
+        scale_range=scale_range,
+        seed=seed,
+        height_warp_p=height_warp_p,
     )

@@ -1,7 +1,7 @@
 """Training losses over model outputs and batches (dicts keyed by the names in ``constants``).
 
-``build_loss(name, weights)`` returns ``loss_fn(outputs, batch) -> (total, parts)``: ``total`` is the
-weighted sum of four terms (height ``agl``, magnitude ``mag``, direction ``angle``, ``scale``) as a
+``build_loss(name, weights, city_means)`` returns ``loss_fn(outputs, batch) -> (total, parts)``: ``total``
+is the weighted sum of four terms (height ``agl``, magnitude ``mag``, direction ``angle``, ``scale``) as a
 scalar tensor to back-propagate, ``parts`` the unweighted terms as floats for logging. Pixels whose
 target is NaN (no data) are left out of every pixel term; a batch without a single valid pixel gives
 finite terms (0).
@@ -13,8 +13,12 @@ finite terms (0).
   scale to px/m), so its weights carry over unchanged.
 - ``r2``: the 1st-place team's (drivendataorg/overhead-geopose-challenge, ``1st Place/training/
   losses.py`` ``r2_per_city`` and ``configs/v2l_tune.json``): for height and magnitude, per city present
-  in the batch, SSE over the city's total sum of squares about its batch mean (1 - R², with the metric's
-  1e-4 in the denominator), averaged over those cities; MSE on direction (weight 2) and scale (20).
+  in the batch, the SSE over the batch's valid pixels of that city divided by their squared deviation
+  from the city's mean over the *training set* (``CityMeans``, from ``city_means_from``), plus the
+  metric's 1e-4; averaged over those cities; MSE on direction (weight 2) and scale (20). Dividing by the
+  spread about the training-set mean is what the competition's pooled R² measures; the spread about the
+  batch's own mean (a batch holds one or two images per city) is tiny and noisy, and a model trained on
+  it learned a constant (issue 15).
 - ``huber_cos``: the 2nd-place team's (``2nd Place/configs/loss/huber_cos.yaml``): Huber on height
   (delta 5 m) and magnitude (delta 10 px), direction as (1 - cosine similarity) + MSE, all weight 1;
   their model had no least-squares scale term, so scale MSE is added here with weight 1.
@@ -23,8 +27,10 @@ finite terms (0).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +38,7 @@ from geopose_mlops.constants import AGL, CITIES, CITY, MAG, R2_EPS, SCALE, XYDIR
 from geopose_mlops.errors import ConfigError
 
 TERMS = ("agl", "mag", "angle", "scale")
+MEAN_TERMS = ("agl", "mag")  # the pixel terms whose R² needs a city mean: height (m), magnitude (px)
 
 DEFAULT_WEIGHTS: dict[str, dict[str, float]] = {
     "mse": {"agl": 1.0, "mag": 2.0, "angle": 10.0, "scale": 10.0},
@@ -43,6 +50,91 @@ HUBER_DELTA_AGL = 5.0  # m
 HUBER_DELTA_MAG = 10.0  # px
 
 Tensors = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CityMeans:
+    """Per city, the mean height and magnitude over the valid pixels of the training images.
+
+    Attributes:
+        agl: City name -> mean height above ground, m.
+        mag: City name -> mean flow magnitude (height x scale), px.
+        pixels: City name -> number of valid pixels the means were taken over.
+    """
+
+    agl: Mapping[str, float]
+    mag: Mapping[str, float]
+    pixels: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key in MEAN_TERMS:
+            for city, value in getattr(self, key).items():
+                if city not in CITIES:
+                    raise ConfigError(f"city mean of {key} for {city!r}: expected one of {', '.join(CITIES)}")
+                if not isinstance(value, int | float) or not math.isfinite(value):
+                    raise ConfigError(f"city mean of {key} for {city}={value!r}: expected a finite number")
+
+    @classmethod
+    def from_mapping(cls, means: Mapping[str, Mapping[str, float]]) -> CityMeans:
+        """From ``{"ARG": {"agl": m, "mag": px}, ...}`` (a city may give either or both)."""
+        return cls(
+            agl={city: float(v["agl"]) for city, v in means.items() if "agl" in v},
+            mag={city: float(v["mag"]) for city, v in means.items() if "mag" in v},
+        )
+
+    def as_params(self) -> dict[str, float]:
+        """Flat ``{"r2_mean_agl_m_ARG": m, "r2_mean_mag_px_ARG": px, ...}`` for ``mlflow.log_params``."""
+        params = {f"r2_mean_agl_m_{city}": round(value, 4) for city, value in self.agl.items()}
+        params |= {f"r2_mean_mag_px_{city}": round(value, 4) for city, value in self.mag.items()}
+        return params
+
+    def vector(self, key: str) -> torch.Tensor:
+        """float32 (len(CITIES),) means of ``agl`` or ``mag`` in CITIES order; NaN for a city without one."""
+        means = getattr(self, key)
+        return torch.tensor([means.get(city, math.nan) for city in CITIES], dtype=torch.float32)
+
+
+def city_means_from(
+    agl: np.ndarray, scales: np.ndarray, cities: np.ndarray, rows: Sequence[int] | np.ndarray | None = None
+) -> CityMeans:
+    """Per-city mean height and magnitude over the valid pixels of the given images, streamed one by one.
+
+    Reads one image at a time (the cache is memory-mapped; all N images are never held at once) and
+    sums in float64. An image whose scale is not finite adds to the height mean only (its magnitude is
+    no data, as in the batches). Cities without a valid pixel are left out.
+
+    Args:
+        agl: float32 (N, S, S) heights, m; NaN = no data (e.g. ``SampleCache.agl``).
+        scales: (N,) px/m (``SampleCache.scale``).
+        cities: (N,) city index into CITIES (``SampleCache.city_index``).
+        rows: The images to use, e.g. a fold's training rows (None: all N).
+
+    Returns:
+        The means, and the pixel counts they were taken over.
+    """
+    count = np.zeros(len(CITIES), np.int64)
+    agl_sum = np.zeros(len(CITIES), np.float64)
+    mag_count = np.zeros(len(CITIES), np.int64)
+    mag_sum = np.zeros(len(CITIES), np.float64)
+    for row in range(len(agl)) if rows is None else rows:
+        image = np.asarray(agl[row])
+        valid = np.isfinite(image)
+        n = int(valid.sum())
+        if n == 0:
+            continue
+        total = float(np.add.reduce(image, axis=None, where=valid, dtype=np.float64))
+        city = int(cities[row])
+        count[city] += n
+        agl_sum[city] += total
+        if math.isfinite(float(scales[row])):
+            mag_count[city] += n
+            mag_sum[city] += total * float(scales[row])
+    present = [i for i in range(len(CITIES)) if count[i]]
+    return CityMeans(
+        agl={CITIES[i]: float(agl_sum[i] / count[i]) for i in present},
+        mag={CITIES[i]: float(mag_sum[i] / mag_count[i]) for i in present if mag_count[i]},
+        pixels={CITIES[i]: int(count[i]) for i in present},
+    )
 
 
 def _valid(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,30 +157,42 @@ def masked_huber(pred: torch.Tensor, target: torch.Tensor, delta: float) -> torc
     return torch.where(valid, per_pixel, torch.zeros_like(per_pixel)).sum() / valid.sum().clamp_min(1)
 
 
-def per_city_r2_loss(pred: torch.Tensor, target: torch.Tensor, city: torch.Tensor) -> torch.Tensor:
-    """Mean over the cities in the batch of ``SSE / (SST + 1e-4)`` = 1 - R² of that city's valid pixels.
+def _per_city(per_image: torch.Tensor, city: torch.Tensor) -> torch.Tensor:
+    """Sum a (B,) per-image quantity into (len(CITIES),) per city."""
+    return torch.zeros(len(CITIES), dtype=per_image.dtype, device=per_image.device).index_add(0, city, per_image)
+
+
+def per_city_r2_loss(
+    pred: torch.Tensor, target: torch.Tensor, city: torch.Tensor, city_mean: torch.Tensor
+) -> torch.Tensor:
+    """Mean over the cities in the batch of ``SSE / (sum((y - city mean)^2) + 1e-4)``, y the valid pixels.
+
+    With ``city_mean`` the city's mean over the training set this is 1 - R² of the batch's pixels
+    measured as the competition pools them. A city of the batch whose mean is NaN (not in the training
+    means) falls back to the mean of that city's valid pixels in this batch.
 
     Args:
         pred: Prediction (B, H, W).
         target: Truth (B, H, W), NaN = no data.
         city: City index (B,) into CITIES.
+        city_mean: (len(CITIES),) mean of the target per city, in the target's units; NaN = unknown.
 
     Returns:
         Scalar loss; 0 when no city has a valid pixel.
     """
     valid, target0 = _valid(target.float())
-    pred = pred.float()
-    terms, present = [], []
-    for index in range(len(CITIES)):
-        mask = valid & (city == index).view(-1, *([1] * (target.dim() - 1)))
-        count = mask.sum()
-        mean = torch.where(mask, target0, torch.zeros_like(target0)).sum() / count.clamp_min(1)
-        sst = torch.where(mask, (target0 - mean) ** 2, torch.zeros_like(target0)).sum()
-        sse = torch.where(mask, (pred - target0) ** 2, torch.zeros_like(target0)).sum()
-        terms.append(sse / (sst + R2_EPS))
-        present.append(count > 0)
-    terms_t, present_t = torch.stack(terms), torch.stack(present).float()
-    return (terms_t * present_t).sum() / present_t.sum().clamp_min(1)
+    pred, city = pred.float(), city.long()
+    dims = tuple(range(1, target.dim()))
+    zeros = torch.zeros_like(target0)
+    count = _per_city(valid.sum(dims).float(), city)
+    batch_mean = _per_city(target0.sum(dims), city) / count.clamp_min(1)
+    city_mean = city_mean.to(device=pred.device, dtype=torch.float32)
+    mean = torch.where(torch.isfinite(city_mean), city_mean, batch_mean)
+    pixel_mean = mean[city].view(-1, *([1] * len(dims)))
+    sst = _per_city(torch.where(valid, (target0 - pixel_mean) ** 2, zeros).sum(dims), city)
+    sse = _per_city(torch.where(valid, (pred - target0) ** 2, zeros).sum(dims), city)
+    present = (count > 0).float()
+    return (sse / (sst + R2_EPS) * present).sum() / present.sum().clamp_min(1)
 
 
 def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -105,11 +209,16 @@ class GeoposeLoss:
     Args:
         name: ``mse``, ``r2`` or ``huber_cos``.
         weights: Weight per term (keys ``agl``, ``mag``, ``angle``, ``scale``).
+        city_means: The training set's city means, used by ``r2`` (None: every city falls back to its
+            batch mean).
     """
 
-    def __init__(self, name: str, weights: Mapping[str, float]) -> None:
+    def __init__(self, name: str, weights: Mapping[str, float], city_means: CityMeans | None = None) -> None:
         self.name = name
         self.weights = dict(weights)
+        self.city_means = city_means
+        means = city_means or CityMeans(agl={}, mag={})
+        self._mean_vectors = {key: means.vector(key) for key in MEAN_TERMS}
         self._terms: dict[str, Callable[[Tensors, Tensors], torch.Tensor]] = {
             "mse": self._mse_terms,
             "r2": self._r2_terms,
@@ -125,7 +234,8 @@ class GeoposeLoss:
         return total, dict(zip(TERMS, values, strict=True))
 
     def __repr__(self) -> str:
-        return f"GeoposeLoss({self.name!r}, weights={self.weights})"
+        means = "" if self.city_means is None else f", city_means={self.city_means.as_params()}"
+        return f"GeoposeLoss({self.name!r}, weights={self.weights}{means})"
 
     @staticmethod
     def _direction_scale(outputs: Tensors, batch: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,9 +254,12 @@ class GeoposeLoss:
     def _r2_terms(self, outputs: Tensors, batch: Tensors) -> dict[str, torch.Tensor]:
         angle, scale = self._direction_scale(outputs, batch)
         city = batch[CITY].to(outputs[AGL].device)
+        if self._mean_vectors["agl"].device != city.device:  # moved once, not copied every step
+            self._mean_vectors = {key: value.to(city.device) for key, value in self._mean_vectors.items()}
+        means = self._mean_vectors
         return {
-            "agl": per_city_r2_loss(outputs[AGL], batch[AGL], city),
-            "mag": per_city_r2_loss(outputs[MAG], batch[MAG], city),
+            "agl": per_city_r2_loss(outputs[AGL], batch[AGL].to(city.device), city, means["agl"]),
+            "mag": per_city_r2_loss(outputs[MAG], batch[MAG].to(city.device), city, means["mag"]),
             "angle": angle,
             "scale": scale,
         }
@@ -161,15 +274,23 @@ class GeoposeLoss:
         }
 
 
-def build_loss(name: str = "mse", weights: Mapping[str, float] | None = None) -> GeoposeLoss:
+def build_loss(
+    name: str = "mse",
+    weights: Mapping[str, float] | None = None,
+    city_means: CityMeans | Mapping[str, Mapping[str, float]] | None = None,
+) -> GeoposeLoss:
     """Build a loss by name, with the per-term weights of its source unless overridden.
 
     Args:
         name: ``mse`` (baseline, default), ``r2`` (per-city R², 1st place) or ``huber_cos`` (2nd place).
         weights: Overrides for some or all of ``agl``, ``mag``, ``angle``, ``scale`` (non-negative).
+        city_means: Required by ``r2``, ignored by the others: the training images' mean height (m) and
+            magnitude (px) per city, a ``CityMeans`` (``city_means_from``) or ``{"ARG": {"agl": m,
+            "mag": px}, ...}``. A batch's city missing from it falls back to its batch mean.
 
     Raises:
-        ConfigError: Unknown loss name or weight key, or a negative or non-finite weight.
+        ConfigError: Unknown loss name or weight key, a negative or non-finite weight, ``r2`` without
+            city means, or a city mean for an unknown city or not finite.
     """
     if name not in DEFAULT_WEIGHTS:
         raise ConfigError(f"unknown loss {name!r}; valid: {', '.join(DEFAULT_WEIGHTS)}")
@@ -180,4 +301,13 @@ def build_loss(name: str = "mse", weights: Mapping[str, float] | None = None) ->
         if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
             raise ConfigError(f"loss weight {key}={value!r}: expected a finite number >= 0")
         merged[key] = float(value)
-    return GeoposeLoss(name, merged)
+    if name != "r2":
+        return GeoposeLoss(name, merged)
+    if city_means is None:
+        raise ConfigError(
+            "loss 'r2' needs the training images' mean height and magnitude per city: "
+            "pass city_means=city_means_from(cache.agl, cache.scale, cache.city_index, rows=train_rows)"
+        )
+    if not isinstance(city_means, CityMeans):
+        city_means = CityMeans.from_mapping(city_means)
+    return GeoposeLoss(name, merged, city_means)
