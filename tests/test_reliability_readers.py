@@ -1,8 +1,9 @@
 """Every reader fed random bytes and random shapes raises only the package's own errors, never crashes or hangs.
 
 Readers: ``io.raster_info``, ``io.read_rgb``, ``io.read_agl``, ``io.read_vflow``, the layout's CSV readers
-(``read_csv_rows``, ``read_metadata``, ``list_files``, ``find_samples``), ``folds.read_folds`` and the study
-file loader. A reader either returns what it promises (checked) or raises a ``GeoposeError``.
+(``read_csv_rows``, ``read_metadata``, ``list_files``, ``find_samples``), ``folds.read_folds``, the study
+file loader and the config readers (a cv run's ``config.json``, a checkpoint's config: ``config.from_dict``).
+A reader either returns what it promises (checked) or raises a ``GeoposeError``.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rasterio.errors import NotGeoreferencedWarning
 
+from geopose_mlops.config import TrainConfig, from_dict, load_json_config, save_json_config, to_dict
 from geopose_mlops.data import io, layout
 from geopose_mlops.data.folds import read_folds
-from geopose_mlops.errors import GeoposeError
+from geopose_mlops.errors import ConfigError, GeoposeError
+from geopose_mlops.train.checkpoint import config_from_checkpoint
 from geopose_mlops.tune.study_file import load_study_config
 
 PROPERTY = settings(
@@ -208,3 +211,64 @@ def test_study_loader_on_random_documents(document: str) -> None:
         except GeoposeError:
             return
         assert config.study_name and config.storage
+
+
+TRAIN_KEYS = [f for f in to_dict(TrainConfig()) if f != "model"]
+
+
+@PROPERTY
+@given(values=st.dictionaries(st.one_of(st.sampled_from([*TRAIN_KEYS, "model"]), st.text(max_size=5)), JSON_VALUES))
+def test_config_json_reader_on_random_documents(values: dict) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.json"
+        path.write_text(json.dumps(values))
+        try:
+            config = load_json_config(TrainConfig, path)
+        except GeoposeError as err:
+            assert str(err).startswith(str(path)), err
+            return
+        assert isinstance(config, TrainConfig) and to_dict(config).keys() == to_dict(TrainConfig()).keys()
+
+
+def test_config_json_with_a_wrong_type_is_refused_naming_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    save_json_config(TrainConfig(epochs=3), path)
+    assert load_json_config(TrainConfig, path) == TrainConfig(epochs=3)
+    values = json.loads(path.read_text())
+    for key, bad, expected in [
+        ("epochs", "ten", "epochs: expected int, got 'ten'"),
+        ("amp", 1, "amp: expected bool, got 1"),
+        ("batch_size", True, "batch_size: expected int, got True"),
+        ("folds", [0, "1"], "folds: expected list of int or None, got [0, '1']"),
+        ("model", {"encoder": 34}, "model.encoder: expected str, got 34"),
+    ]:
+        path.write_text(json.dumps({**values, key: bad}))
+        with pytest.raises(ConfigError) as caught:
+            load_json_config(TrainConfig, path)
+        assert str(caught.value) == f"{path}: {expected}"
+
+
+def test_checkpoint_config_with_a_wrong_type_is_refused_naming_file_and_key() -> None:
+    config = TrainConfig(folds=(0, 2), effective_batch_size=8)
+    stored = to_dict(config)
+    assert config_from_checkpoint({"config": stored}, "fold0/best.pt") == config
+    with pytest.raises(ConfigError, match=r"^fold0/best\.pt: config: epochs: expected int, got 'ten'$"):
+        config_from_checkpoint({"config": {**stored, "epochs": "ten"}}, "fold0/best.pt")
+    with pytest.raises(ConfigError, match=r"^fold0/best\.pt: config: unknown key\(s\) \['epoch'\]"):
+        config_from_checkpoint({"config": {**stored, "epoch": 3}}, "fold0/best.pt")
+
+
+def test_from_dict_type_rules() -> None:
+    config = from_dict(TrainConfig, {"lr": 1, "crop_size": None, "folds": [1], "model": {"use_metadata": False}})
+    assert (config.lr, config.crop_size, config.folds, config.model.use_metadata) == (1, None, (1,), False)
+    for values, expected in [
+        ({"lr": "1e-4"}, "lr: expected float, got '1e-4'"),
+        ({"epochs": 2.0}, "epochs: expected int, got 2.0"),
+        ({"image_size": None}, "image_size: expected int, got None"),
+        ({"augment": "yes"}, "augment: expected bool, got 'yes'"),
+        ({"model": "resnet34"}, "model: expected a mapping (ModelConfig), got 'resnet34'"),
+        ({"epochs": 0}, "epochs must be >= 1, got 0"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            from_dict(TrainConfig, values, "where")
+        assert str(caught.value) == f"where: {expected}"
