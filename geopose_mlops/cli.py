@@ -7,6 +7,7 @@ exits 1 (bad data or run-time failure) or 2 (bad arguments or configuration, not
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from geopose_mlops.config import ModelConfig, TrainConfig, default_of
+from geopose_mlops.constants import CHAMPION_ALIAS, DEFAULT_EXPERIMENT, REGISTERED_MODEL
 from geopose_mlops.errors import ConfigError, GeoposeError
 
 EXIT_INTERRUPTED = 130  # the shell's code for a command stopped by a signal (128 + SIGINT)
@@ -89,62 +92,75 @@ def evaluate(predictions_dir: Path, truth_dir: Path, output_json: Path | None) -
 # --- train (issue 3): one cross-validation, tracked in MLflow --------------------------------------
 
 
+def _field_option(flag: str, field_name: str, help_text: str, **kwargs):
+    """A train option whose default is the ``TrainConfig`` (or ``ModelConfig``) field's: one source."""
+    config = ModelConfig if field_name in {f.name for f in dataclasses.fields(ModelConfig)} else TrainConfig
+    default = default_of(config, field_name)
+    dest = (field_name,) if flag.split("/")[0].lstrip("-").replace("-", "_") != field_name else ()
+    return click.option(flag, *dest, default=default, show_default=default is not None, help=help_text, **kwargs)
+
+
 def _train_options(command):
-    """The options shared by ``train`` and ``fold`` (SPEC §3; MLproject parameters underscored)."""
+    """The options shared by ``train`` and ``fold`` (SPEC §3; MLproject parameters underscored).
+
+    Their defaults are the ``TrainConfig``/``ModelConfig`` field defaults (``tests/test_defaults.py``
+    checks that MLproject's agree).
+    """
     options = [
         click.option("--data-dir", required=True, type=click.Path(path_type=Path), help="Data set (SPEC §2)."),
-        click.option("--encoder", default="resnet34", show_default=True, help="smp encoder, e.g. tu-regnetx_064."),
-        click.option("--decoder", default="Unet", show_default=True, help="smp architecture, e.g. FPN."),
-        click.option(
-            "--encoder-weights", default="none", show_default=True, help="none, imagenet, swsl/ssl or a file."
-        ),
-        click.option("--epochs", default=10, show_default=True, type=int, help="Epochs per fold."),
-        click.option("--lr", default=1e-4, show_default=True, type=float, help="Peak learning rate (AdamW)."),
-        click.option("--batch-size", default=4, show_default=True, type=int, help="Micro-batch, images."),
-        click.option(
+        _field_option("--encoder", "encoder", "smp encoder, e.g. tu-regnetx_064."),
+        _field_option("--decoder", "decoder", "smp architecture, e.g. FPN."),
+        _field_option("--encoder-weights", "encoder_weights", "none, imagenet, swsl/ssl or a file."),
+        _field_option("--epochs", "epochs", "Epochs per fold.", type=int),
+        _field_option("--lr", "lr", "Peak learning rate (AdamW).", type=float),
+        _field_option("--batch-size", "batch_size", "Micro-batch, images.", type=int),
+        _field_option(
             "--effective-batch-size",
+            "effective_batch_size",
+            "Images per optimiser step, reached by accumulation (default or 0: the batch size).",
             type=int,
-            help="Images per optimiser step, reached by accumulation (default or 0: the batch size).",
         ),
-        click.option("--image-size", default=512, show_default=True, type=int, help="Training side, pixels."),
-        click.option("--crop-size", type=int, help="Random-crop side in training, px (default or 0: no crop)."),
-        click.option(
+        _field_option(
+            "--image-size", "image_size", "Training side, px (the 2048 px source images are decoded to it).", type=int
+        ),
+        _field_option(
+            "--crop-size", "crop_size", "Random-crop side in training, px (default or 0: no crop).", type=int
+        ),
+        _field_option(
             "--amp/--no-amp",
-            default=True,
-            show_default=True,
-            help="Mixed precision: bf16 (fp16 on GPUs without it) on CUDA, bf16 on CPUs with bf16 instructions.",
+            "amp",
+            "Mixed precision: bf16 (fp16 on GPUs without it) on CUDA, bf16 on CPUs with bf16 instructions.",
         ),
-        click.option("--k", default=5, show_default=True, type=int, help="Number of folds."),
-        click.option("--seed", default=0, show_default=True, type=int, help="Seed of folds, weights, augmentation."),
-        click.option(
-            "--loss", default="mse", show_default=True, type=click.Choice(["mse", "r2", "huber_cos"]), help="Loss."
+        _field_option("--k", "k", "Number of folds.", type=int),
+        _field_option("--seed", "seed", "Seed of folds, weights, augmentation.", type=int),
+        _field_option("--loss", "loss", "Loss.", type=click.Choice(["mse", "r2", "huber_cos"])),
+        _field_option("--augment/--no-augment", "augment", "Training augmentation."),
+        _field_option(
+            "--num-workers",
+            "num_workers",
+            "DataLoader workers (0: load in the training process). On a GPU raise it: augmenting a 1024 px "
+            "image takes ~40 ms of one CPU core.",
+            type=int,
         ),
-        click.option("--augment/--no-augment", default=True, show_default=True, help="Training augmentation."),
-        click.option("--num-workers", default=0, show_default=True, type=int, help="DataLoader workers."),
-        click.option(
+        _field_option(
             "--checkpoint-interval",
             "checkpoint_interval_s",
-            default=120.0,
-            show_default=True,
+            "Upload checkpoints at most every N seconds (and after the last epoch); 0: every epoch.",
             type=click.FloatRange(0),
-            help="Upload checkpoints at most every N seconds (and after the last epoch); 0: every epoch.",
         ),
-        click.option(
+        _field_option(
             "--metrics-interval",
             "metrics_interval_s",
-            default=5.0,
-            show_default=True,
+            "Write epoch metrics at most every N seconds (and with every upload); 0: every epoch.",
             type=click.FloatRange(0),
-            help="Write epoch metrics at most every N seconds (and with every upload); 0: every epoch.",
         ),
-        click.option("--experiment", default="geopose", show_default=True, help="MLflow experiment."),
+        click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment."),
         click.option("--resume", "resume", help="Continue a cv or fold run by id (its own config is used)."),
         click.option("--cache-dir", type=click.Path(path_type=Path), help="Cache root (default DATA/.geopose_cache)."),
-        click.option(
+        _field_option(
             "--skip-bad/--no-skip-bad",
-            default=False,
-            show_default=True,
-            help="Train on the good samples when some files are bad (logged as skipped_files.csv).",
+            "skip_bad",
+            "Train on the good samples when some files are bad (logged as skipped_files.csv).",
         ),
         click.option(
             "--work-dir",
@@ -163,13 +179,10 @@ RUN_OPTIONS = ("experiment", "resume", "cache_dir", "parent_run_id", "work_dir")
 
 def _train_config(folds: str, options: dict):
     """The TrainConfig of the train options; pops its options, leaving experiment, resume, cache_dir, ..."""
-    from geopose_mlops.config import ModelConfig, TrainConfig
-    from geopose_mlops.errors import ConfigError as _ConfigError
-
     try:
         fold_list = None if folds.strip() == "all" else tuple(int(f) for f in folds.split(","))
     except ValueError as err:
-        raise _ConfigError(f"--folds {folds!r}: expected 'all' or comma-separated fold numbers like 0,2") from err
+        raise ConfigError(f"--folds {folds!r}: expected 'all' or comma-separated fold numbers like 0,2") from err
     model = ModelConfig(
         encoder=options.pop("encoder"), decoder=options.pop("decoder"), encoder_weights=options.pop("encoder_weights")
     )
@@ -272,8 +285,10 @@ def data_check(data_dir: Path, headers_only: bool) -> None:
 
 @main.command()
 @click.argument("data_dir", metavar="DATA", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--k", type=click.IntRange(min=2), default=5, show_default=True, help="Number of folds.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--k", type=click.IntRange(min=2), default=default_of(TrainConfig, "k"), show_default=True, help="Number of folds."
+)
+@click.option("--seed", type=int, default=default_of(TrainConfig, "seed"), show_default=True, help="Fold seed.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Default: DATA/folds.csv.")
 def folds(data_dir: Path, k: int, seed: int, out: Path | None) -> None:
     """Write folds.csv (id,city,fold): k folds stratified by city."""
@@ -393,7 +408,7 @@ def tune(study_file: Path, n_trials: int | None, timeout: float | None, storage:
 
 
 @main.command()
-@click.option("--experiment", default="geopose", show_default=True, help="MLflow experiment to report on.")
+@click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment to report on.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder for tables and plots.")
 @click.option("--epochs", default=None, help="1-based epochs for the score@eN columns, e.g. 1,5,10 (default: up to 4).")
 def report(experiment: str, out_dir: Path, epochs: str | None) -> None:
@@ -419,7 +434,9 @@ def ensemble() -> None:
 
 
 @ensemble.command("fit")
-@click.option("--experiment", default="geopose", show_default=True, help="Experiment of the candidate cv runs.")
+@click.option(
+    "--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="Experiment of the candidate cv runs."
+)
 @click.option(
     "--filter", "filter_string", default="", help="Extra MLflow filter, e.g. \"params.encoder = 'resnet34'\"."
 )
@@ -443,10 +460,10 @@ def ensemble_fit(experiment: str, filter_string: str, run_ids: str, max_members:
 
 @main.command()
 @click.option("--ensemble", "ensemble_ref", required=True, help="best, or an ensemble run id.")
-@click.option("--name", default="geopose-ensemble", show_default=True, help="Registered model name.")
-@click.option("--alias", default="champion", show_default=True, help="Alias moved to the new version.")
+@click.option("--name", default=REGISTERED_MODEL, show_default=True, help="Registered model name.")
+@click.option("--alias", default=CHAMPION_ALIAS, show_default=True, help="Alias moved to the new version.")
 @click.option("--force", is_flag=True, help="Move the alias even to a worse ensemble.")
-@click.option("--experiment", default="geopose", show_default=True, help="Where --ensemble best looks.")
+@click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="Where --ensemble best looks.")
 def promote(ensemble_ref: str, name: str, alias: str, force: bool, experiment: str) -> None:
     """Register the ensemble as a model version and move the alias to it."""
     from geopose_mlops.registry import promote as promote_ensemble
