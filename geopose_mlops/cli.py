@@ -267,11 +267,12 @@ def data() -> None:
 @data.command("check")
 @click.argument("data_dir", metavar="DATA", type=click.Path(path_type=Path))
 @click.option("--headers-only", is_flag=True, help="Read raster headers only (fast; misses truncated pixels).")
-def data_check(data_dir: Path, headers_only: bool) -> None:
+@click.option("--workers", type=click.IntRange(0), help="Decoding processes (default or 0: the usable cores).")
+def data_check(data_dir: Path, headers_only: bool, workers: int | None) -> None:
     """Validate DATA: counts per city and every bad file with its reason; exit 1 if any."""
     from geopose_mlops.data.check import check_dataset
 
-    report = check_dataset(data_dir, decode=not headers_only, progress=True)
+    report = check_dataset(data_dir, decode=not headers_only, progress=True, workers=workers or None)
     for split, counts in report.counts.items():
         listed = "  ".join(f"{city} {n}" for city, n in counts.items())
         click.echo(f"{split}: {sum(counts.values())} images  ({listed})")

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from geopose_mlops.constants import CITIES
+from geopose_mlops.data import cache as cache_module
 from geopose_mlops.data import io, layout
-from geopose_mlops.data.cache import SampleCache, build_cache, cache_fingerprint, default_cache_root
+from geopose_mlops.data.cache import _ARRAYS, SampleCache, build_cache, cache_fingerprint, default_cache_root
+from geopose_mlops.errors import BadFilesError
 
 SIZE = 64  # the fixture's source side
 CACHED = 32
@@ -59,12 +61,12 @@ def test_cache_holds_the_resampled_arrays_with_scale_and_gsd_at_the_cached_size(
 
 def test_second_build_decodes_nothing(data, decode_counter) -> None:
     samples = layout.find_samples(data, "train")
-    first = build_cache(samples, data / "c", CACHED, progress=False)
+    first = build_cache(samples, data / "c", CACHED, progress=False, workers=1)  # decoded here: counted
     assert decode_counter["rgb"] == 8
-    second = build_cache(samples, data / "c", CACHED, progress=False)
+    second = build_cache(samples, data / "c", CACHED, progress=False, workers=1)
     assert decode_counter["rgb"] == 8
     assert second.fingerprint == first.fingerprint and second.path == first.path
-    other_size = build_cache(samples, data / "c", 16, progress=False)
+    other_size = build_cache(samples, data / "c", 16, progress=False, workers=1)
     assert other_size.fingerprint != first.fingerprint and decode_counter["rgb"] == 16
 
 
@@ -93,7 +95,7 @@ def test_an_interrupted_build_leaves_no_entry_and_is_not_reused(data, monkeypatc
 
     monkeypatch.setattr(io, "read_agl", failing)
     with pytest.raises(KeyboardInterrupt):
-        build_cache(samples, root, CACHED, progress=False)
+        build_cache(samples, root, CACHED, progress=False, workers=1)
     assert list(root.iterdir()) == []
     monkeypatch.setattr(io, "read_agl", real)
 
@@ -124,3 +126,47 @@ def test_images_of_different_source_sizes_share_one_cache(data) -> None:
 def test_test_split_without_truth_is_cached_with_nan_targets(synthetic_data, tmp_path) -> None:
     cache = build_cache(layout.find_samples(synthetic_data, "test"), tmp_path, CACHED, progress=False)
     assert len(cache) == 4 and np.isnan(cache.agl).all() and np.isnan(cache.scale).all()
+
+
+def _entry_bytes(cache: SampleCache) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(cache.path.iterdir())}
+
+
+def test_a_build_in_two_processes_is_byte_identical_to_one_process(data) -> None:
+    samples = layout.find_samples(data, "train") + layout.find_samples(data, "test")  # truth and no truth
+    one = build_cache(samples, data / "one", CACHED, progress=False, workers=1)
+    two = build_cache(samples, data / "two", CACHED, progress=False, workers=2)
+    assert two.fingerprint == one.fingerprint
+    assert _entry_bytes(two) == _entry_bytes(one)  # every .npy and index.json, byte for byte
+    assert sorted(_entry_bytes(one)) == sorted([f"{name}.npy" for name in _ARRAYS] + ["index.json"])
+
+
+def test_bad_files_found_by_worker_processes_are_all_named_in_row_order(data) -> None:
+    samples = layout.find_samples(data, "train")
+    truncated, empty = samples[5].rgb_path, samples[2].agl_path
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    empty.write_bytes(b"")
+    with pytest.raises(BadFilesError) as caught:
+        build_cache(samples, data / "c", CACHED, progress=False, workers=2)
+    assert [path for path, _ in caught.value.problems] == [empty, truncated]
+    assert "empty" in caught.value.problems[0][1] and "cannot be decoded" in caught.value.problems[1][1]
+    assert list((data / "c").iterdir()) == []  # no entry, no temporary folder
+
+
+def test_a_parallel_build_interrupted_half_way_leaves_nothing_and_rebuilds_the_same(data, monkeypatch) -> None:
+    samples = layout.find_samples(data, "train")
+    root = data / "c"
+    real = cache_module.as_completed
+
+    def interrupted(futures):  # Ctrl-C arrives after the first row is back
+        yield next(real(futures))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache_module, "as_completed", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(samples, root, CACHED, progress=False, workers=2)
+    assert list(root.iterdir()) == []
+    monkeypatch.undo()
+    rebuilt = build_cache(samples, root, CACHED, progress=False, workers=2)
+    clean = build_cache(samples, data / "clean", CACHED, progress=False, workers=1)
+    assert _entry_bytes(rebuilt) == _entry_bytes(clean)

@@ -82,3 +82,22 @@ def test_missing_metadata_and_discovery_without_csv(synthetic_data, tmp_path) ->
         "metadata.csv (id,city,gsd) is missing or empty",
         f"sample {samples[6].sample_id} has no AGL file",
     ]
+
+
+def test_decode_check_in_worker_processes_gives_the_same_report_in_the_same_order(synthetic_data, tmp_path) -> None:
+    data, samples = _copy(synthetic_data, tmp_path)
+    for sample in (samples[6], samples[1]):  # two truncated images, listed in id order whoever decodes them
+        sample.rgb_path.write_bytes(sample.rgb_path.read_bytes()[: sample.rgb_path.stat().st_size // 2])
+    samples[3].agl_path.write_bytes(b"")
+    (data / "train" / f"{samples[4].sample_id}_VFLOW.json").write_text('{"scale": 0.01}')
+    one = check_dataset(data, workers=1)
+    two = check_dataset(data, workers=2)
+    assert two.problems == one.problems and two.counts == one.counts and two.bad_samples == one.bad_samples
+    assert [path for path, _ in one.problems] == [
+        samples[1].rgb_path, samples[3].agl_path, samples[4].vflow_path, samples[6].rgb_path
+    ]  # fmt: skip
+    result = CliRunner().invoke(main, ["data", "check", str(data), "--workers", "2"])
+    assert result.exit_code == 1
+    assert [line for line in result.output.splitlines() if line.startswith("BAD ")] == [
+        f"BAD {path}: {reason}" for path, reason in one.problems
+    ]

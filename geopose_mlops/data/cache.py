@@ -3,7 +3,9 @@
 Decoding a 2048² JPEG 2000 costs most of a second on one core, so training must never decode sources
 again after the first pass. ``build_cache`` decodes each sample once with ``io.read_rgb`` /
 ``io.read_agl`` straight to ``image_size``², and stores the result under
-``cache_root/<fingerprint>/`` as ``.npy`` files that are opened with ``mmap_mode="r"``.
+``cache_root/<fingerprint>/`` as ``.npy`` files that are opened with ``mmap_mode="r"``. The sources
+are decoded by ``workers`` processes (``data.pool``; default: the usable cores), each writing its rows
+into the memory-mapped arrays of the build, so the entry is the same bytes as a one-process build's.
 
 The fingerprint hashes every source file's path, size and modification time (ns), each sample's city
 and gsd, the image size and the cache format version, so a changed source, a changed metadata.csv or a
@@ -19,6 +21,7 @@ import math
 import os
 import shutil
 from collections.abc import Iterable, Sequence
+from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,12 +32,14 @@ from tqdm import tqdm
 from geopose_mlops.constants import CITIES
 from geopose_mlops.data import io
 from geopose_mlops.data.layout import Sample
+from geopose_mlops.data.pool import decode_pool, resolve_workers
 from geopose_mlops.errors import BadFilesError, DataError
 
 CACHE_FORMAT_VERSION = 1
 CACHE_DIR_NAME = ".geopose_cache"
 _INDEX = "index.json"
 _ARRAYS = ("rgb", "agl", "scale", "angle", "gsd", "city_index")
+_SMALL_DTYPES = (np.float32, np.float32, np.float32, np.int64)  # of scale, angle, gsd, city_index
 
 
 @dataclass(frozen=True)
@@ -164,45 +169,87 @@ def _remove_stale_builds(cache_root: Path, fingerprint: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _decode_row(arrays: dict[str, np.ndarray], row: int, sample: Sample, size: int) -> None:
+def _decode_row(rgb: np.ndarray, agl: np.ndarray, row: int, sample: Sample, size: int) -> tuple:
+    """Decode one sample into row ``row`` of ``rgb`` and ``agl``.
+
+    Returns:
+        (scale px/m, angle rad, gsd m/px, city index), scale and gsd at the cached resolution.
+    """
     height, width, _, _ = io.raster_info(sample.rgb_path)
     if height != width:
         raise DataError(sample.rgb_path, f"expected a square image, found {height}x{width} pixels")
     if sample.city not in CITIES:
         raise DataError(sample.rgb_path, f"city {sample.city!r} is not one of {CITIES}")
     factor = size / width  # cached pixels per source pixel
-    arrays["rgb"][row] = io.read_rgb(sample.rgb_path, size=size)
-    arrays["agl"][row] = io.read_agl(sample.agl_path, size=size) if sample.agl_path is not None else np.nan
+    rgb[row] = io.read_rgb(sample.rgb_path, size=size)
+    agl[row] = io.read_agl(sample.agl_path, size=size) if sample.agl_path is not None else np.nan
+    scale = angle = math.nan
     if sample.vflow_path is not None:
-        scale_px_per_m, arrays["angle"][row] = io.read_vflow(sample.vflow_path)
-        arrays["scale"][row] = scale_px_per_m * factor
-    arrays["gsd"][row] = sample.gsd / factor
-    arrays["city_index"][row] = CITIES.index(sample.city)
+        scale_px_per_m, angle = io.read_vflow(sample.vflow_path)
+        scale = scale_px_per_m * factor
+    return scale, angle, sample.gsd / factor, CITIES.index(sample.city)
 
 
-def _decode_into(tmp: Path, samples: Sequence[Sample], image_size: int, progress: bool) -> None:
+# The memory-mapped rgb/agl arrays of the build, opened once in each worker process (``_open_build``).
+_BUILD_ARRAYS: dict[str, np.ndarray] = {}
+
+
+def _open_build(tmp: str) -> None:
+    _BUILD_ARRAYS["rgb"] = open_memmap(Path(tmp) / "rgb.npy", mode="r+")
+    _BUILD_ARRAYS["agl"] = open_memmap(Path(tmp) / "agl.npy", mode="r+")
+
+
+def _decode_in_worker(row: int, sample: Sample, size: int) -> tuple[tuple | None, tuple[Path, str] | None]:
+    """One task of the pool: (the row's values, None), or (None, (file, reason)) for a bad file."""
+    try:
+        return _decode_row(_BUILD_ARRAYS["rgb"], _BUILD_ARRAYS["agl"], row, sample, size), None
+    except DataError as err:
+        return None, (err.path, err.reason)
+
+
+def _decode_rows(tmp: Path, samples: Sequence[Sample], size: int, workers: int, bar: tqdm) -> list:
+    """Per row, (values, None) or (None, (file, reason)): decoded in this process or by a pool.
+
+    With 1 worker the rows are decoded here; otherwise by a pool of processes that write straight into the
+    memory-mapped arrays of ``tmp``, so the bytes are the same either way.
+    """
+    if workers == 1:
+        rgb, agl = (open_memmap(tmp / f"{name}.npy", mode="r+") for name in ("rgb", "agl"))
+        results = []
+        for row, sample in enumerate(samples):
+            try:
+                results.append((_decode_row(rgb, agl, row, sample, size), None))
+            except DataError as err:
+                results.append((None, (err.path, err.reason)))
+            bar.update()
+        rgb.flush()
+        agl.flush()
+        return results
+    pool = decode_pool(workers, _open_build, (str(tmp),))
+    try:
+        futures = [pool.submit(_decode_in_worker, row, sample, size) for row, sample in enumerate(samples)]
+        for future in as_completed(futures):
+            future.result()  # a worker's unexpected error (not a DataError) stops the build here
+            bar.update()
+        return [future.result() for future in futures]
+    finally:
+        # On an error or Ctrl-C: rows not started are dropped, the ones being decoded are waited for.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _decode_into(tmp: Path, samples: Sequence[Sample], image_size: int, progress: bool, workers: int) -> None:
     """Decode every sample into ``tmp``; a bad file does not stop the pass, all are reported at the end."""
     n, size = len(samples), image_size
-    rgb = open_memmap(tmp / "rgb.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
-    agl = open_memmap(tmp / "agl.npy", mode="w+", dtype=np.float32, shape=(n, size, size))
-    scale = np.full(n, np.nan, dtype=np.float32)
-    angle = np.full(n, np.nan, dtype=np.float32)
-    gsd = np.full(n, np.nan, dtype=np.float32)
-    city_index = np.zeros(n, dtype=np.int64)
-    arrays = {"rgb": rgb, "agl": agl, "scale": scale, "angle": angle, "gsd": gsd, "city_index": city_index}
-    problems: list[tuple[Path, str]] = []
-    for row, sample in enumerate(tqdm(samples, desc=f"cache {size}px", unit="image", disable=not progress)):
-        try:
-            _decode_row(arrays, row, sample, size)
-        except DataError as err:
-            problems.append((err.path, err.reason))
+    for name, dtype, shape in (("rgb", np.uint8, (n, size, size, 3)), ("agl", np.float32, (n, size, size))):
+        open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()  # rows filled through r+
+    with tqdm(total=n, desc=f"cache {size}px", unit="image", disable=not progress) as bar:
+        results = _decode_rows(tmp, samples, size, workers, bar)
+    problems = [problem for _, problem in results if problem is not None]
     if problems:
         raise BadFilesError(tmp.parent, problems)
-    rgb.flush()
-    agl.flush()
-    del rgb, agl
-    for name, values in (("scale", scale), ("angle", angle), ("gsd", gsd), ("city_index", city_index)):
-        np.save(tmp / f"{name}.npy", values)
+    columns = list(zip(*(values for values, _ in results), strict=True))
+    for name, dtype, values in zip(("scale", "angle", "gsd", "city_index"), _SMALL_DTYPES, columns, strict=True):
+        np.save(tmp / f"{name}.npy", np.array(values, dtype=dtype))
 
 
 def build_cache(
@@ -210,6 +257,7 @@ def build_cache(
     cache_root: str | Path | None,
     image_size: int,
     progress: bool = True,
+    workers: int | None = None,
 ) -> SampleCache:
     """Decode the samples once at ``image_size``² (or reuse the entry made before) and memory-map them.
 
@@ -222,6 +270,9 @@ def build_cache(
             first sample's split folder.
         image_size: Side S of the cached images, pixels.
         progress: Show a progress bar while decoding.
+        workers: Decoding processes (None: the usable cores; 1: decode in this process). Each writes its
+            rows straight into the entry's memory-mapped arrays, so the entry is byte-identical to a
+            one-process build.
 
     Returns:
         The cache, arrays opened with ``mmap_mode="r"``.
@@ -247,7 +298,7 @@ def build_cache(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _decode_into(tmp, samples, image_size, progress)
+        _decode_into(tmp, samples, image_size, progress, resolve_workers(workers, len(samples)))
         index = {
             "format": CACHE_FORMAT_VERSION,
             "fingerprint": fingerprint,
