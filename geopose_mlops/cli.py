@@ -481,13 +481,34 @@ def promote(ensemble_ref: str, name: str, alias: str, force: bool, experiment: s
 @click.option(
     "--image-size", type=click.IntRange(32), default=None, help="Side to predict at, px (default: the training side)."
 )
-def predict(model_uri: str, images_dir: Path, out_dir: Path, tta: str, image_size: int | None) -> None:
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA where available), cpu, cuda or cuda:N.")
+@click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True, help="Images per forward pass.")
+@click.option("--workers", type=click.IntRange(0), help="Decoding processes (default or 0: the usable cores).")
+@click.option(
+    "--amp/--no-amp", default=True, show_default=True, help="Mixed precision as in training (--no-amp: fp32)."
+)
+def predict(
+    model_uri: str,
+    images_dir: Path,
+    out_dir: Path,
+    tta: str,
+    image_size: int | None,
+    device: str,
+    batch_size: int,
+    workers: int | None,
+    amp: bool,
+) -> None:
     """Write a submission folder (SPEC §2) for every image, with optional test-time augmentation."""
-    from geopose_mlops.inference import predict_folder
+    from geopose_mlops.inference import predict_folder, resolve_device
     from geopose_mlops.registry import load_predictor
 
-    done = predict_folder(load_predictor(model_uri), images_dir, out_dir, tta, image_size=image_size, say=click.echo)
-    click.echo(f"wrote {len(done)} prediction(s) to {out_dir}")
+    resolve_device(device)  # a bad --device fails before any model is loaded
+    predictor = load_predictor(model_uri).to(device, amp)
+    done = predict_folder(
+        predictor, images_dir, out_dir, tta, image_size=image_size, say=click.echo, batch_size=batch_size,
+        workers=workers or None,
+    )  # fmt: skip
+    click.echo(f"wrote {len(done)} prediction(s) to {out_dir} ({predictor.device}, {predictor.precision.name})")
 
 
 # --- demo (issue 6) --------------------------------------------------------------------------------

@@ -5,25 +5,39 @@
 heights are multiplied by the city factors, scale goes through the XGBoost model where one was kept,
 and the angle is a weighted circular mean. TTA predicts each D4 view of the image, maps the height map
 back and inverts the angle, then averages (heights: mean; angles: circular mean; scale: mean).
+
+Speed: a batch is moved to the device once and every view, member and fold runs on it there, in
+``torch.inference_mode`` under training's precision rules (``train.loop.make_precision``: bf16 autocast
+on CUDA and on CPUs with bf16 instructions, fp16 on GPUs without bf16, else fp32) and memory format
+(channels_last on CUDA). Only the per-image scale and angle numbers leave the device per view.
+``predict_folder`` decodes the images in DataLoader worker processes ahead of the models and writes the
+files from a small thread pool.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+import warnings
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from geopose_mlops.constants import AGL, CHECKPOINT_DIR, CITIES, ENSEMBLE_JSON, SCALE, XYDIR
 from geopose_mlops.data import io
 from geopose_mlops.data.augment import invert_geometric, transform_array
 from geopose_mlops.data.layout import Sample, find_samples, read_metadata, split_name
+from geopose_mlops.data.pool import usable_cores
 from geopose_mlops.ensemble.fit import EnsembleSpec, apply_scale_model
 from geopose_mlops.errors import ConfigError, DataError
+from geopose_mlops.train.loop import make_precision, memory_format
 
 TTA_VIEWS = {
     "none": ("identity",),
@@ -32,26 +46,50 @@ TTA_VIEWS = {
 }
 
 
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The torch device for ``--device``: ``auto`` (CUDA where available, else the CPU), ``cpu``, ``cuda[:N]``.
+
+    Raises:
+        ConfigError: An unknown device, or CUDA asked for where there is none (or not that many GPUs).
+    """
+    name = str(device).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}") from err
+    if resolved.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (resolved.index or 0) >= count:
+            raise ConfigError(f"--device {device!r}: this machine has {count} CUDA device(s); use cpu or auto")
+    return resolved
+
+
 class EnsemblePredictor:
     """A fitted ensemble, loaded from a folder with ``ensemble.json`` and ``checkpoints/<member>/<fold>.pt``.
 
     Args:
         folder: The packaged ensemble (what ``promote`` logs as the pyfunc model's artifact).
-        device: Where to run the models.
+        device: Where to run the models: ``auto`` (CUDA where available), ``cpu``, ``cuda[:N]``.
+        amp: Mixed precision as in training (``train.loop.make_precision``); False runs fp32.
     """
 
-    def __init__(self, folder: str | Path, device: str = "cpu") -> None:
+    def __init__(self, folder: str | Path, device: str | torch.device = "auto", amp: bool = True) -> None:
         from geopose_mlops.train.checkpoint import model_from_checkpoint
 
         folder = Path(folder)
         self.spec = EnsembleSpec.load(folder / ENSEMBLE_JSON)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.members: list[list[torch.nn.Module]] = []
         for member in self.spec.members:
             paths = sorted((folder / CHECKPOINT_DIR / member).glob("*.pt"))
             if not paths:
                 raise DataError(folder / CHECKPOINT_DIR / member, "no fold checkpoints for this member")
             self.members.append([model_from_checkpoint(p, self.device)[0] for p in paths])
+        self.to(self.device, amp)
         self.scale_model = None
         if self.spec.scale_model:
             from xgboost import XGBRegressor
@@ -59,32 +97,46 @@ class EnsemblePredictor:
             self.scale_model = XGBRegressor()
             self.scale_model.load_model(str(folder / self.spec.scale_model))
 
-    @torch.no_grad()
-    def _members_predict(self, image: torch.Tensor, gsd: torch.Tensor, city: torch.Tensor) -> tuple:
-        """Per member, the mean over its folds: heights (K, B, H, W), scales (K, B), angles (K, B)."""
-        heights, scales, angles = [], [], []
+    def to(self, device: str | torch.device = "auto", amp: bool = True) -> EnsemblePredictor:
+        """Move every fold model to ``device`` (its memory format) and set the precision; returns self."""
+        self.device = resolve_device(device)
+        self.precision = make_precision(self.device, amp)
         for folds in self.members:
-            outputs = [model(image, gsd, city) for model in folds]
-            heights.append(torch.stack([o[AGL] for o in outputs]).mean(0))
-            scales.append(torch.stack([o[SCALE] for o in outputs]).mean(0))
-            direction = torch.stack([o[XYDIR] for o in outputs]).mean(0)
-            angles.append(torch.atan2(direction[:, 0], direction[:, 1]))
-        return torch.stack(heights), torch.stack(scales), torch.stack(angles)
+            for model in folds:
+                model.to(self.device, memory_format=memory_format(self.device))
+        return self
 
-    def _combine(self, heights, scales, angles, gsd: np.ndarray, cities: list[str]) -> tuple:
-        w = torch.tensor(self.spec.height_weights, dtype=heights.dtype)
-        v = torch.tensor(self.spec.scale_weights, dtype=scales.dtype)
-        u = torch.tensor(self.spec.angle_weights, dtype=angles.dtype)
-        height = torch.einsum("k,kbhw->bhw", w, heights).clamp_min(0).numpy()
-        factors = np.array([self.spec.city_height_factors.get(c, 1.0) for c in cities], dtype=np.float32)
-        height = height * factors[:, None, None]
+    def _members_predict(self, view: torch.Tensor, gsd: torch.Tensor, city: torch.Tensor) -> tuple:
+        """Weighted member heights (B, H, W) on the device; per member scales and angles (K, B) float64 here.
+
+        Each member is the mean of its folds: heights and scales averaged, the angle from the mean direction.
+        """
+        height = torch.zeros(view.shape[0], *view.shape[-2:], device=self.device)
+        scales, angles = [], []
+        for weight, folds in zip(self.spec.height_weights, self.members, strict=True):
+            heights, scale, direction = 0.0, 0.0, 0.0
+            for model in folds:
+                with self.precision.autocast():
+                    out = model(view, gsd, city)
+                heights = heights + out[AGL].float()
+                scale = scale + out[SCALE].float()
+                direction = direction + out[XYDIR].float()
+            height += (weight / len(folds)) * heights
+            scales.append(scale / len(folds))
+            angles.append(torch.atan2(direction[:, 0], direction[:, 1]))
+        return height, torch.stack(scales).double().cpu().numpy(), torch.stack(angles).double().cpu().numpy()
+
+    def _combine(self, height: torch.Tensor, scales: np.ndarray, angles: np.ndarray, gsd: np.ndarray, cities):
+        """One view's ensemble: heights clipped at 0 m times the city factors, scale (px/m) and angle (rad)."""
+        factors = [self.spec.city_height_factors.get(c, 1.0) for c in cities]
+        height = height.clamp_min(0) * torch.tensor(factors, device=self.device)[:, None, None]
         # A member's scale is a least-squares slope (models/heads.py) and can come out negative: a scale
         # is >= 0 px/m, and the fit clips it the same way (``ensemble.fit.ensemble_scale``).
-        scale = np.clip((v @ scales).numpy().astype(np.float64), 0, None)
+        scale = np.clip(np.asarray(self.spec.scale_weights) @ scales, 0, None)
         if self.scale_model is not None:
             scale = apply_scale_model(self.scale_model, gsd, scale, cities)
-        angle = torch.atan2(u @ torch.sin(angles), u @ torch.cos(angles)).numpy()
-        return height, scale, angle
+        u = np.asarray(self.spec.angle_weights)
+        return height, scale, np.arctan2(u @ np.sin(angles), u @ np.cos(angles))
 
     def predict(self, rgb: np.ndarray, gsd: np.ndarray, cities: list[str], tta: str = "none") -> dict:
         """Predict a batch at the ensemble's training resolution.
@@ -96,25 +148,32 @@ class EnsemblePredictor:
             tta: ``none``, ``flip`` or ``d4``.
 
         Returns:
-            ``{"agl": (B, S, S) m, "scale": (B,) px/m at this resolution, "angle": (B,) rad}``.
+            ``{"agl": (B, S, S) float32 m, "scale": (B,) px/m at this resolution, "angle": (B,) rad}``.
         """
         if tta not in TTA_VIEWS:
             raise ConfigError(f"--tta must be one of {sorted(TTA_VIEWS)}, got {tta!r}")
         unknown = sorted(set(cities) - set(CITIES))
         if unknown:
             raise ConfigError(f"unknown city {unknown}; expected one of {CITIES}")
-        image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2).float().div(255).to(self.device)
-        gsd_t = torch.as_tensor(np.asarray(gsd, dtype=np.float32), device=self.device)
-        city_t = torch.tensor([CITIES.index(c) for c in cities], device=self.device)
-        heights, scales, sines, cosines = [], [], 0.0, 0.0
-        for kind in TTA_VIEWS[tta]:
-            view = transform_array(kind, image, axes=(-2, -1)).contiguous()
-            height, scale, angle = self._combine(*self._members_predict(view, gsd_t, city_t), np.asarray(gsd), cities)
-            height, angle = invert_geometric(kind, height, angle)
-            heights.append(np.ascontiguousarray(height))
-            scales.append(scale)
-            sines, cosines = sines + np.sin(angle), cosines + np.cos(angle)
-        return {"agl": np.mean(heights, axis=0), "scale": np.mean(scales, axis=0), "angle": np.arctan2(sines, cosines)}
+        gsd = np.asarray(gsd, dtype=np.float64).reshape(-1)
+        fmt = memory_format(self.device)
+        with torch.inference_mode():
+            # uint8 crosses to the device (a quarter of the float bytes); NHWC is already channels_last.
+            image = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device).permute(0, 3, 1, 2)
+            image = image.float().div_(255)
+            gsd_t = torch.as_tensor(gsd, dtype=torch.float32, device=self.device)
+            city_t = torch.tensor([CITIES.index(c) for c in cities], device=self.device)
+            height_sum = torch.zeros(image.shape[0], *image.shape[-2:], device=self.device)
+            scale_sum, sines, cosines = 0.0, 0.0, 0.0
+            for kind in TTA_VIEWS[tta]:
+                view = transform_array(kind, image, axes=(-2, -1)).contiguous(memory_format=fmt)
+                height, scale, angle = self._combine(*self._members_predict(view, gsd_t, city_t), gsd, cities)
+                height, angle = invert_geometric(kind, height, angle)
+                height_sum += height
+                scale_sum, sines, cosines = scale_sum + scale, sines + np.sin(angle), cosines + np.cos(angle)
+            views = len(TTA_VIEWS[tta])
+            agl = (height_sum / views).cpu().numpy()
+        return {"agl": agl, "scale": scale_sum / views, "angle": np.arctan2(sines, cosines)}
 
 
 def find_images(images_dir: str | Path) -> list[Sample]:
@@ -138,6 +197,83 @@ def find_images(images_dir: str | Path) -> list[Sample]:
     return samples
 
 
+class _DecodedImages(Dataset):
+    """Each image decoded straight to ``size``² (in a DataLoader worker); a bad file comes back as its error."""
+
+    def __init__(self, samples: list[Sample], size: int) -> None:
+        self.samples, self.size = samples, size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, position: int) -> dict:
+        path = self.samples[position].rgb_path
+        try:
+            height, width, _, _ = io.raster_info(path)
+            if height != width:
+                raise DataError(path, f"expected a square image, got {height}x{width}")
+            return {"position": position, "rgb": io.read_rgb(path, size=self.size), "side": height}
+        except DataError as err:  # raised by the caller: a worker's exception would lose its type
+            return {"position": position, "error": (err.path, err.reason)}
+
+
+def _as_list(items: list[dict]) -> list[dict]:
+    return items
+
+
+class _SubmissionWriter:
+    """Writes each image's two files from a small thread pool, at most ``2 x threads`` images queued.
+
+    Each file goes to a temporary name and is renamed (``io``). After the first failed write no
+    queued image starts; ``abort`` (on any error or Ctrl-C in the caller) drops the queue and waits for
+    the writes under way, so every file left under its final name is complete.
+    """
+
+    def __init__(self, out_dir: Path, threads: int) -> None:
+        self.out_dir, self.limit = out_dir, 2 * threads
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="geopose-write")
+        self.queued: deque[tuple[str, Future]] = deque()
+        self.failed = threading.Event()
+        self.done: list[str] = []
+
+    def submit(self, sample_id: str, agl: np.ndarray, side: int, scale: float, angle: float) -> None:
+        """Queue an image: ``agl`` (S, S) m at the predicted side, upsampled to ``side`` px when written."""
+        while len(self.queued) >= self.limit:
+            self._collect_oldest()
+        self.queued.append((sample_id, self.pool.submit(self._write, sample_id, agl, side, scale, angle)))
+
+    def _collect_oldest(self) -> None:
+        sample_id, future = self.queued.popleft()
+        if future.result():  # re-raises the write's error here, in the caller's thread
+            self.done.append(sample_id)
+
+    def finish(self) -> list[str]:
+        """Wait for every queued image; returns the ids written, in order."""
+        while self.queued:
+            self._collect_oldest()
+        self.pool.shutdown()
+        return self.done
+
+    def abort(self) -> None:
+        """Start nothing more and wait for the writes under way."""
+        self.failed.set()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _write(self, sample_id: str, agl: np.ndarray, side: int, scale: float, angle: float) -> bool:
+        if self.failed.is_set():
+            return False
+        try:
+            if agl.shape[-1] != side:
+                upsampled = F.interpolate(torch.from_numpy(agl)[None, None], (side, side), mode="bilinear")
+                agl = upsampled[0, 0].numpy()  # align_corners=False: pixel centres, as cv2.resize
+            io.write_agl(self.out_dir / f"{sample_id}_AGL.tif", np.clip(agl, 0, None))
+            io.write_vflow(self.out_dir / f"{sample_id}_VFLOW.json", scale, angle)
+        except BaseException:
+            self.failed.set()
+            raise
+        return True
+
+
 def predict_folder(
     predictor,
     images_dir: str | Path,
@@ -146,43 +282,88 @@ def predict_folder(
     progress: bool = True,
     image_size: int | None = None,
     say: Callable[[str], None] | None = None,
+    batch_size: int = 4,
+    workers: int | None = None,
+    writers: int = 2,
 ) -> list[str]:
     """Write the submission folder: ``{id}_AGL.tif`` (uint16 cm) and ``{id}_VFLOW.json`` per image.
 
-    ``predictor`` has ``spec.image_size`` and ``predict(rgb, gsd, cities, tta)`` (an EnsemblePredictor,
-    or the pyfunc model's wrapper). Each file is written to a temporary name and renamed, so a killed
-    run leaves no file that looks complete; images whose two files exist are skipped on a re-run.
-    Each image is predicted at ``image_size`` (default: the members' training side), then its height
-    map is upsampled to the source size and its scale converted to source pixels per metre. ``say``
-    (e.g. ``click.echo``) is told how many images were skipped.
+    Images are decoded by DataLoader processes ahead of the models, predicted a batch at a time, and
+    written by a few threads. Each file is written to a temporary name and renamed, so a killed run
+    leaves no file that looks complete; images whose two files exist are skipped on a re-run. Each
+    image is predicted at ``image_size``, then its height map is upsampled to the source size and its
+    scale converted to source pixels per metre.
+
+    Args:
+        predictor: Has ``spec.image_size`` and ``predict(rgb, gsd, cities, tta)`` (an EnsemblePredictor,
+            or the pyfunc model's wrapper).
+        images_dir: The RGB images (``find_images``).
+        out_dir: The submission folder (created).
+        tta: ``none``, ``flip`` or ``d4``.
+        progress: Show a progress bar.
+        image_size: Side to predict at, px, a multiple of 32 (None: the members' training side).
+        say: Told how many images were skipped (e.g. ``click.echo``).
+        batch_size: Images per call of ``predictor.predict``.
+        workers: Decoding processes (None: the usable cores; 0: decode in this process).
+        writers: Threads that upsample and write the files.
 
     Returns:
-        The ids predicted in this call.
+        The ids predicted in this call, in order.
+
+    Raises:
+        DataError: An image is unreadable or not square (the images before it are written).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     size = image_size or predictor.spec.image_size
     if size <= 0 or size % 32:
         raise ConfigError(f"--image-size must be a positive multiple of 32, got {size}")
-    done, skipped = [], []
-    for sample in tqdm(find_images(images_dir), desc="predict", disable=not progress, unit="image"):
-        agl_path, vflow_path = out_dir / f"{sample.sample_id}_AGL.tif", out_dir / f"{sample.sample_id}_VFLOW.json"
-        if agl_path.is_file() and vflow_path.is_file():
-            skipped.append(sample.sample_id)
-            continue
-        height, width, _, _ = io.raster_info(sample.rgb_path)
-        if height != width:
-            raise DataError(sample.rgb_path, f"expected a square image, got {height}x{width}")
-        rgb = io.read_rgb(sample.rgb_path, size=size)
-        factor = height / size  # source px per training px
-        gsd = sample.gsd * factor if math.isfinite(sample.gsd) else math.nan
-        out = predictor.predict(rgb[None], np.array([gsd]), [sample.city], tta)
-        agl = torch.from_numpy(np.asarray(out["agl"], dtype=np.float32))[None]
-        agl = F.interpolate(agl, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
-        io.write_agl(agl_path, np.clip(agl, 0, None))
-        # scale is px/m at the training resolution: a source pixel is 1/factor of a training pixel
-        io.write_vflow(vflow_path, float(out["scale"][0]) * factor, float(out["angle"][0]))
-        done.append(sample.sample_id)
+    if batch_size < 1 or writers < 1:
+        raise ConfigError(f"--batch-size and writers must be >= 1, got {batch_size} and {writers}")
+    todo = _images_to_predict(images_dir, out_dir, say)
+    if not todo:
+        return []
+    workers = min(usable_cores() if workers is None else workers, len(todo))
+    loader = DataLoader(_DecodedImages(todo, size), batch_size=batch_size, num_workers=workers, collate_fn=_as_list)
+    batches = iter(loader)  # forks the decoders now, before this call starts any thread of its own
+    writer = _SubmissionWriter(out_dir, writers)
+    # io silences rasterio's "no geotransform" warning inside warnings.catch_warnings, which is not
+    # thread-safe: one writer's exit can restore the filters under another. Set for the whole call, this
+    # filter is in every list any of them restores.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Dataset has no geotransform")
+        try:
+            with tqdm(total=len(todo), desc="predict", disable=not progress, unit="image") as bar:
+                for items in batches:
+                    _predict_batch(predictor, [todo[item["position"]] for item in items], items, size, tta, writer)
+                    bar.update(len(items))
+            return writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+
+
+def _images_to_predict(images_dir: str | Path, out_dir: Path, say: Callable[[str], None] | None) -> list[Sample]:
+    """The images of ``images_dir`` that lack either file in ``out_dir``; ``say`` is told how many were skipped."""
+    todo, skipped = [], 0
+    for sample in find_images(images_dir):
+        if all((out_dir / f"{sample.sample_id}_{tag}").is_file() for tag in ("AGL.tif", "VFLOW.json")):
+            skipped += 1
+        else:
+            todo.append(sample)
     if skipped and say is not None:
-        say(f"skipped {len(skipped)} image(s) whose _AGL.tif and _VFLOW.json already exist in {out_dir}")
-    return done
+        say(f"skipped {skipped} image(s) whose _AGL.tif and _VFLOW.json already exist in {out_dir}")
+    return todo
+
+
+def _predict_batch(predictor, samples: list[Sample], items: list[dict], size: int, tta: str, writer) -> None:
+    for item in items:
+        if "error" in item:
+            raise DataError(*item["error"])
+    factors = [item["side"] / size for item in items]  # source px per predicted px
+    gsd = np.array([s.gsd * f if math.isfinite(s.gsd) else math.nan for s, f in zip(samples, factors, strict=True)])
+    out = predictor.predict(np.stack([item["rgb"] for item in items]), gsd, [s.city for s in samples], tta)
+    for j, (sample, item) in enumerate(zip(samples, items, strict=True)):
+        agl = np.asarray(out["agl"][j], dtype=np.float32)
+        # scale is px/m at the predicted side: a source pixel is 1/factor of a predicted pixel
+        writer.submit(sample.sample_id, agl, item["side"], float(out["scale"][j]) * factors[j], float(out["angle"][j]))

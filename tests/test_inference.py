@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from geopose_mlops.constants import AGL, SCALE, XYDIR
+from geopose_mlops.config import ModelConfig, TrainConfig
+from geopose_mlops.constants import AGL, CHECKPOINT_DIR, CITIES, ENSEMBLE_JSON, SCALE, XYDIR
 from geopose_mlops.data import io
+from geopose_mlops.data.augment import invert_geometric, transform_array
 from geopose_mlops.ensemble.fit import EnsembleSpec
-from geopose_mlops.inference import EnsemblePredictor, predict_folder
+from geopose_mlops.inference import TTA_VIEWS, EnsemblePredictor, predict_folder
+from geopose_mlops.models.factory import build_model
+from geopose_mlops.train.checkpoint import model_from_checkpoint, save_checkpoint
+from geopose_mlops.train.loop import cpu_has_bf16, make_precision
 
 
 class _Equivariant(torch.nn.Module):
@@ -32,6 +39,7 @@ def _fake_predictor() -> EnsemblePredictor:
     predictor = EnsemblePredictor.__new__(EnsemblePredictor)
     predictor.spec = EnsembleSpec(["m"], "equal", [1.0], [1.0], [1.0], image_size=8)
     predictor.device = torch.device("cpu")
+    predictor.precision = make_precision("cpu", amp=False)
     predictor.members = [[_Equivariant()]]
     predictor.scale_model = None
     return predictor
@@ -100,3 +108,186 @@ def test_negative_member_scale_is_written_as_zero_and_reads_back(tmp_path) -> No
     predict_folder(predictor, images, tmp_path / "out", "none", progress=False, image_size=32)
     scale, _ = io.read_vflow(tmp_path / "out" / "OMA_a_VFLOW.json")  # io rejects a negative scale
     assert scale == 0.0
+
+
+# --- the batched, mixed-precision path against the per-image fp32 path it replaced (issue 14) ----------
+
+ENCODER = "tu-mobilenetv3_small_050"
+
+
+def _package_fresh_ensemble(folder: Path, members: int = 2, folds: int = 2) -> Path:
+    """An ensemble folder (ensemble.json + checkpoints/<member>/fold<N>.pt) of freshly built, untrained models.
+
+    Each model's height and magnitude biases are raised so that most heights are above 0 m and the
+    scales positive (an untrained head predicts around 0, where clipping would hide differences).
+    """
+    names = [f"m{k}" for k in range(members)]
+    for k, name in enumerate(names):
+        for fold in range(folds):
+            torch.manual_seed(10 * k + fold)
+            model = build_model(ModelConfig(encoder=ENCODER, encoder_weights="none")).eval()
+            with torch.no_grad():
+                model.pixel_head.head[0].bias += torch.tensor([1.0, 2.0])
+            config = TrainConfig(model=ModelConfig(encoder=ENCODER), image_size=64, amp=False)
+            save_checkpoint(
+                folder / CHECKPOINT_DIR / name / f"fold{fold}.pt", model, None, None, config, fold, 0, 0.0, 0
+            )
+    weights = np.linspace(1, 2, members) / np.linspace(1, 2, members).sum()
+    EnsembleSpec(
+        names, "simplex", list(weights), list(weights[::-1]), [1 / members] * members,
+        city_height_factors={"JAX": 1.1}, image_size=64,
+    ).save(folder / ENSEMBLE_JSON)  # fmt: skip
+    return folder
+
+
+def _per_image_fp32_reference(folder: Path, rgb: np.ndarray, gsd: np.ndarray, cities: list[str], tta: str) -> dict:
+    """The path before issue 14, kept as written: one image at a time, fp32, ``torch.no_grad``, on the CPU.
+
+    Also returns each image's ``resultant``, the length of the mean of its views' unit angle vectors (1
+    without TTA). The mean angle's error is at most a view's angle error over it: the untrained members'
+    views disagree, and a short resultant magnifies rounding.
+    """
+    spec = EnsembleSpec.load(folder / ENSEMBLE_JSON)
+    members = [
+        [model_from_checkpoint(p, "cpu")[0] for p in sorted((folder / CHECKPOINT_DIR / m).glob("*.pt"))]
+        for m in spec.members
+    ]
+    w, v, u = (
+        torch.tensor(x, dtype=torch.float32) for x in (spec.height_weights, spec.scale_weights, spec.angle_weights)
+    )
+    results = []
+    for i in range(len(rgb)):
+        image = torch.from_numpy(np.ascontiguousarray(rgb[i : i + 1])).permute(0, 3, 1, 2).float().div(255)
+        gsd_t, city_t = torch.tensor(gsd[i : i + 1], dtype=torch.float32), torch.tensor([CITIES.index(cities[i])])
+        heights, scales, sines, cosines = [], [], 0.0, 0.0
+        for kind in TTA_VIEWS[tta]:
+            view = transform_array(kind, image, axes=(-2, -1)).contiguous()
+            hs, ss, angles = [], [], []
+            with torch.no_grad():
+                for folds in members:
+                    outputs = [model(view, gsd_t, city_t) for model in folds]
+                    hs.append(torch.stack([o[AGL] for o in outputs]).mean(0))
+                    ss.append(torch.stack([o[SCALE] for o in outputs]).mean(0))
+                    direction = torch.stack([o[XYDIR] for o in outputs]).mean(0)
+                    angles.append(torch.atan2(direction[:, 0], direction[:, 1]))
+            hs, ss, angles = torch.stack(hs), torch.stack(ss), torch.stack(angles)
+            height = torch.einsum("k,kbhw->bhw", w, hs).clamp_min(0).numpy() * spec.city_height_factors.get(
+                cities[i], 1.0
+            )
+            scale = np.clip((v @ ss).numpy().astype(np.float64), 0, None)
+            angle = torch.atan2(u @ torch.sin(angles), u @ torch.cos(angles)).numpy()
+            height, angle = invert_geometric(kind, height, angle)
+            heights.append(np.ascontiguousarray(height))
+            scales.append(scale)
+            sines, cosines = sines + np.sin(angle), cosines + np.cos(angle)
+        resultant = np.hypot(sines, cosines)[0] / len(TTA_VIEWS[tta])
+        results.append(
+            (np.mean(heights, axis=0)[0], np.mean(scales, axis=0)[0], np.arctan2(sines, cosines)[0], resultant)
+        )
+    agl, scale, angle, resultant = zip(*results, strict=True)
+    return {"agl": np.stack(agl), "scale": np.array(scale), "angle": np.array(angle), "resultant": np.array(resultant)}
+
+
+def _batch(n: int = 4, size: int = 64) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    rng = np.random.default_rng(3)
+    return (
+        rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+        np.array([0.5, np.nan, 0.3, 0.7])[:n],
+        list(CITIES)[:n],
+    )
+
+
+def _angle_gap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.abs(np.angle(np.exp(1j * (np.asarray(a) - np.asarray(b)))))
+
+
+@pytest.fixture(scope="module")
+def fresh_ensemble(tmp_path_factory) -> Iterator[Path]:
+    """A 2 x 2 fold ensemble of fresh models, run on one thread (a shared 2-core machine slows
+    OpenMP's multi-threaded small convolutions by 10x or more)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield _package_fresh_ensemble(tmp_path_factory.mktemp("ensemble"))
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("tta", ["none", "d4"])
+def test_batched_fp32_equals_the_per_image_path_within_1e4_m(fresh_ensemble, tta) -> None:
+    rgb, gsd, cities = _batch()
+    reference = _per_image_fp32_reference(fresh_ensemble, rgb, gsd, cities, tta)
+    assert (reference["agl"] > 0).mean() > 0.5 and (reference["scale"] > 0).all()  # nothing hidden by clipping
+    predictor = EnsemblePredictor(fresh_ensemble, device="cpu", amp=False)
+    assert predictor.precision.name == "fp32"
+    out = predictor.predict(rgb, gsd, cities, tta)
+    assert out["agl"].shape == (4, 64, 64) and out["agl"].dtype == np.float32
+    np.testing.assert_allclose(out["agl"], reference["agl"], rtol=0, atol=1e-4)  # metres
+    np.testing.assert_allclose(out["scale"], reference["scale"], rtol=1e-5, atol=1e-6)  # px/m
+    assert (_angle_gap(out["angle"], reference["angle"]) < 1e-5 / reference["resultant"]).all()  # rad
+
+
+# Tolerance of mixed precision (bf16 autocast where this CPU has bf16 instructions): bf16 keeps 8
+# significant bits, so each layer's outputs carry ~0.4% relative error. Written down here: heights
+# within 0.05 m + 3% of the height, scales within 3%, each view's angle within 0.05 rad (2.9 degrees).
+AMP_AGL_ATOL, AMP_RTOL, AMP_ANGLE_RAD = 0.05, 0.03, 0.05
+
+
+@pytest.mark.parametrize("tta", ["none", "d4"])
+def test_mixed_precision_stays_within_the_stated_tolerance_of_fp32(fresh_ensemble, tta) -> None:
+    rgb, gsd, cities = _batch()
+    reference = _per_image_fp32_reference(fresh_ensemble, rgb, gsd, cities, tta)
+    predictor = EnsemblePredictor(fresh_ensemble, device="cpu")  # amp: training's rule on this CPU
+    assert predictor.precision.name == ("bf16" if cpu_has_bf16() else "fp32")
+    out = predictor.predict(rgb, gsd, cities, tta)
+    np.testing.assert_allclose(out["agl"], reference["agl"], rtol=AMP_RTOL, atol=AMP_AGL_ATOL)
+    np.testing.assert_allclose(out["scale"], reference["scale"], rtol=AMP_RTOL)
+    assert (_angle_gap(out["angle"], reference["angle"]) < AMP_ANGLE_RAD / reference["resultant"]).all()
+
+
+def test_predict_folder_in_batches_with_decoding_processes_writes_the_per_image_files(fresh_ensemble, tmp_path) -> None:
+    images = tmp_path / "images"
+    rgb, _, cities = _batch(n=3, size=128)  # predicted at 64 px, upsampled back to 128 px when written
+    for image, city in zip(rgb, cities, strict=True):
+        io.write_rgb(images / f"{city}_x{city.lower()}_RGB.tif", image)
+    predictor = EnsemblePredictor(fresh_ensemble, device="cpu", amp=False)
+    one = predict_folder(predictor, images, tmp_path / "one", "flip", progress=False, batch_size=1, workers=0)
+    many = predict_folder(predictor, images, tmp_path / "many", "flip", progress=False, batch_size=2, workers=2)
+    assert many == one == sorted(one) and len(one) == 3
+    for sample_id in one:
+        a, b = (
+            io.read_agl(tmp_path / "one" / f"{sample_id}_AGL.tif"),
+            io.read_agl(tmp_path / "many" / f"{sample_id}_AGL.tif"),
+        )
+        assert a.shape == (128, 128) and np.abs(a - b).max() <= 0.01 + 1e-6  # at most one 1 cm rounding step
+        (s1, a1), (s2, a2) = (io.read_vflow(tmp_path / d / f"{sample_id}_VFLOW.json") for d in ("one", "many"))
+        assert s2 == pytest.approx(s1, rel=1e-5) and _angle_gap(a1, a2) < 1e-5
+
+
+def test_device_option_is_checked_and_auto_picks_what_is_here() -> None:
+    from geopose_mlops.errors import ConfigError
+    from geopose_mlops.inference import resolve_device
+
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("CPU") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="'tpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="0 CUDA device"):
+            resolve_device("cuda:1")
+
+
+def test_predict_command_takes_device_batch_size_workers_and_precision(fresh_ensemble, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from geopose_mlops.cli import main
+
+    images = tmp_path / "images"
+    rgb, _, cities = _batch(n=2)
+    for image, city in zip(rgb, cities, strict=True):
+        io.write_rgb(images / f"{city}_c{city.lower()}_RGB.tif", image)
+    command = ["predict", "--model", str(fresh_ensemble), "--images", str(images), "--out", str(tmp_path / "out")]
+    done = CliRunner().invoke(main, [*command, "--device", "cpu", "--batch-size", "2", "--workers", "1", "--no-amp"])
+    assert done.exit_code == 0, done.output
+    assert "wrote 2 prediction(s)" in done.output and "(cpu, fp32)" in done.output
+    assert len(list((tmp_path / "out").glob("*_AGL.tif"))) == 2
+    bad_device = CliRunner().invoke(main, [*command, "--device", "tpu"])
+    assert bad_device.exit_code == 2 and "'tpu'" in bad_device.output
