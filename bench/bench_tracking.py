@@ -176,7 +176,8 @@ def run(args: list[str] | None = None) -> list[dict]:
         from geopose_mlops.data.synth import make_synthetic_dataset
         from geopose_mlops.tracking.runs import CvTracker
         from geopose_mlops.train import loop
-        from geopose_mlops.train.cv import prepare_data, train_fold
+        from geopose_mlops.train.data import prepare_data
+        from geopose_mlops.train.fold import FoldRequest, train_fold
 
         mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
         mlflow.MlflowClient().create_experiment("bench", artifact_location=(root / "artifacts").as_uri())
@@ -207,17 +208,13 @@ def run(args: list[str] | None = None) -> list[dict]:
         loop.train_one_epoch = epoch_in_turn  # train_fold calls it through the module
 
         def train_side(label: str) -> Callable[[str], None]:
-            def train(side: str) -> None:  # the fold loop of train (cv._run_cross_validation)
+            def train(side: str) -> None:  # the fold loop of train (cv.run_folds)
                 for fold in config.fold_list():
-                    train_fold(
-                        config,
-                        data,
-                        fold,
-                        tracker if side == TRACKED else TrackingOff(),
-                        cv_run_id,
-                        root / "work" / f"{side}-{label}" / f"fold_{fold}",
-                        progress=False,
+                    work_dir = root / "work" / f"{side}-{label}" / f"fold_{fold}"
+                    request = FoldRequest(
+                        config=config, data=data, fold=fold, cv_run_id=cv_run_id, work_dir=work_dir, progress=False
                     )
+                    train_fold(request, tracker if side == TRACKED else TrackingOff())
 
             return train
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import pytest
@@ -63,3 +64,39 @@ def test_single_process_context_is_identity():
     assert distributed.reduce_sum([1, 2.5], context) == [1.0, 2.5]
     model = torch.nn.Linear(2, 2)
     assert distributed.unwrap_model(distributed.wrap_model(model, context)) is model
+
+
+def _protocol_methods() -> dict[str, list[str]]:
+    from geopose_mlops.train.tracker import Tracker
+
+    methods = {name: getattr(Tracker, name) for name in dir(Tracker) if not name.startswith("_")}
+    return {name: list(inspect.signature(method).parameters) for name, method in methods.items()}
+
+
+def test_the_tracker_protocol_names_methods_the_cv_tracker_and_the_null_tracker_both_have():
+    """A misspelt or missing tracker method fails here, not silently on the ranks other than 0."""
+    from geopose_mlops.tracking.runs import CvTracker
+    from geopose_mlops.train.tracker import NullTracker, Tracker
+
+    expected = _protocol_methods()
+    assert "log_epochs" in expected and "download_checkpoint" in expected
+    for implementation in (CvTracker, NullTracker):
+        have = {name: list(inspect.signature(getattr(implementation, name)).parameters) for name in expected
+                if hasattr(implementation, name)}  # fmt: skip
+        assert have == expected, implementation
+    assert isinstance(NullTracker(), Tracker) and isinstance(CvTracker(), Tracker)
+
+
+def test_ranks_other_than_0_get_a_null_tracker_that_stores_nothing(tmp_path):
+    from geopose_mlops.train.tracker import NullTracker
+
+    real = object()
+    assert distributed.main_rank_tracker(real, distributed.DistributedContext()) is real
+    other = distributed.main_rank_tracker(real, distributed.DistributedContext(rank=1, world_size=2))
+    assert isinstance(other, NullTracker)
+    assert other.log_epochs("run", [(0, {"val_score": 1.0})]) is None and other.end_run("run", "FAILED") is None
+    assert (other.fold_runs("cv"), other.logged_epochs("run")) == ({}, [])
+    assert other.download_checkpoint("run", "last.pt", tmp_path) is None
+    with pytest.raises(RuntimeError, match="only rank 0"):
+        other.download_artifact("run", "config.json")
+    assert list(tmp_path.iterdir()) == []

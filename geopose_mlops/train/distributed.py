@@ -44,6 +44,7 @@ from torch import nn
 
 from geopose_mlops.data.dataset import EpochSampler
 from geopose_mlops.train.oof import OofPredictions
+from geopose_mlops.train.tracker import NullTracker, Tracker
 
 T = TypeVar("T")
 
@@ -241,22 +242,14 @@ def reduce_sum(values: Sequence[float], context: DistributedContext) -> list[flo
     return tensor.tolist()
 
 
-class MainRankTracker:
-    """The tracker on rank 0; on every other rank each of its methods does nothing and returns None.
+def main_rank_tracker(tracker: Tracker, context: DistributedContext) -> Tracker:
+    """``tracker`` on rank 0; a :class:`~geopose_mlops.train.tracker.NullTracker` on every other rank.
 
     Only rank 0 talks to the tracking store (an SQLite store opened by several processes at once
     would even race on its schema). What other ranks need from it, rank 0 broadcasts with
     :func:`broadcast_from_main`.
     """
-
-    def __init__(self, tracker: Any, context: DistributedContext) -> None:
-        self._tracker = tracker
-        self._context = context
-
-    def __getattr__(self, name: str) -> Any:
-        if self._context.is_main:
-            return getattr(self._tracker, name)
-        return lambda *args, **kwargs: None
+    return tracker if context.is_main else NullTracker()
 
 
 def barrier(context: DistributedContext) -> None:

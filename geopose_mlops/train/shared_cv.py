@@ -25,11 +25,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from geopose_mlops.config import ModelConfig, TrainConfig, load_json_config
-from geopose_mlops.constants import CONFIG_JSON, DEFAULT_EXPERIMENT, FOLDS_CSV
+from geopose_mlops.config import ModelConfig, TrainConfig
+from geopose_mlops.constants import DEFAULT_EXPERIMENT
 from geopose_mlops.errors import ConfigError, DataError, GeoposeError
-from geopose_mlops.train.cv import CvResult, FoldResult, prepare_data, train_fold
-from geopose_mlops.train.oof import score_oof_folders
+from geopose_mlops.train.cv import CvResult, finished_fold, load_cv_run, run_folds, score_cv
+from geopose_mlops.train.data import prepare_data
+from geopose_mlops.train.distributed import DistributedContext
+from geopose_mlops.train.fold import FoldResult, default_device
+from geopose_mlops.train.recorder import RunOutcome
+from geopose_mlops.train.tracker import Tracker
 
 SHARED_TAG = "geopose.shared_cv"  # "true" on a cv run whose folds are trained by separate workers
 # TrainConfig fields a worker may set for itself: how this machine loads data and stores records, not
@@ -67,18 +71,12 @@ def start_shared_cv(
     return run_id
 
 
-def _finished_fold(run) -> FoldResult:
-    metrics = run.data.metrics
-    return FoldResult(run.info.run_id, metrics["best_val_score"], int(metrics["best_epoch"]))
-
-
-def _load_shared(tracker, cv_run_id: str) -> tuple[TrainConfig, pd.DataFrame]:
+def _load_shared(tracker: Tracker, cv_run_id: str) -> tuple[TrainConfig, pd.DataFrame]:
+    """The cv run's configuration and folds table (``load_cv_run``), refusing the id of a fold run."""
     target, fold = tracker.resume_target(cv_run_id)
     if fold is not None:
         raise ConfigError(f"--parent-run-id {cv_run_id} is the run of fold {fold}; give its cv run {target}")
-    config = load_json_config(TrainConfig, tracker.download_artifact(cv_run_id, CONFIG_JSON))
-    folds_table = pd.read_csv(tracker.download_artifact(cv_run_id, FOLDS_CSV))
-    return config, folds_table
+    return load_cv_run(tracker, cv_run_id)
 
 
 def option_value(config: TrainConfig, name: str) -> object:
@@ -164,21 +162,14 @@ def run_fold_worker(
     absent = sorted(set(folds_table["id"]) - set(data.cache.ids))
     if absent:
         raise DataError(config.data_dir, f"{len(absent)} image(s) of cv run {cv_run_id} not found here: {absent[:5]}")
-    result = WorkerResult(cv_run_id)
+    context = DistributedContext(device=torch.device(device) if device else default_device())
     with tempfile.TemporaryDirectory(prefix="geopose-fold-") as tmp:
         root = Path(work_dir) if work_dir is not None else Path(tmp)
-        for fold in folds:
-            run = existing.get(fold)
-            if run is not None and run.info.status == "FINISHED":
-                result.folds[fold] = _finished_fold(run)
-                continue
-            result.folds[fold] = train_fold(
-                config, data, fold, tracker, cv_run_id, root / cv_run_id / f"fold_{fold}",
-                fold_run_id=run.info.run_id if run is not None else None,
-                device=torch.device(device) if device else None, progress=progress,
-            )  # fmt: skip
-    result.cv = finalize_cv(cv_run_id, require_complete=False)
-    return result
+        trained = run_folds(
+            tracker, context, config=config, data=data, folds=folds, cv_run_id=cv_run_id, root=root,
+            existing=existing, progress=progress,
+        )  # fmt: skip
+    return WorkerResult(cv_run_id, trained, finalize_cv(cv_run_id, require_complete=False))
 
 
 def finalize_cv(cv_run_id: str, require_complete: bool = True) -> CvResult | None:
@@ -206,11 +197,8 @@ def finalize_cv(cv_run_id: str, require_complete: bool = True) -> CvResult | Non
             listed = ", ".join(f"fold {f}: {status}" for f, status in sorted(missing.items()))
             raise GeoposeError(f"cv run {cv_run_id} is not complete ({listed})")
         return None
+    folds = {f: finished_fold(runs[f]) for f in config.fold_list()}
     with tempfile.TemporaryDirectory(prefix="geopose-oof-") as tmp:
-        folders = [tracker.download_oof(runs[f].info.run_id, Path(tmp) / f"fold_{f}") for f in config.fold_list()]
-        scores = score_oof_folders(folders)
-    tracker.log_cv_scores(cv_run_id, scores)
-    tracker.end_run(cv_run_id, "FINISHED")
-    folds = {f: _finished_fold(runs[f]) for f in config.fold_list()}
-    city_scores = {city: values["score"] for city, values in scores["cities"].items()}
-    return CvResult(cv_run_id, scores["final_score"], city_scores, folds)
+        result = score_cv(tracker, cv_run_id, folds, Path(tmp))
+    tracker.end_run(cv_run_id, RunOutcome.FINISHED.value)
+    return result

@@ -1,0 +1,349 @@
+"""One fold of a cross-validation, trained, validated and tracked in its own nested run.
+
+:func:`train_fold` reads as the template: build the fold (model, precision, optimiser, loss), open its
+run (new, or resumed from ``last.pt``), build the loaders, run the epochs, close. Per epoch, in this
+order: train, validate, write ``best.pt`` and ``oof/`` (when the score improved) and ``last.pt`` locally,
+hand them to the :class:`~geopose_mlops.train.recorder.FoldRecorder` (which stores them in the
+background), call ``on_epoch_end``. A run killed at any point resumes from the stored ``last.pt`` with no
+epoch missing from the log or logged twice: the store never holds a ``last.pt`` newer than its metrics,
+epochs after it are trained again without being logged again, and the checkpoint carries its own
+epoch's metrics (for runs stored by earlier versions, which uploaded the files first).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from geopose_mlops.config import TrainConfig
+from geopose_mlops.constants import BEST_NAME, LAST_NAME
+from geopose_mlops.data.dataset import GeoposeDataset
+from geopose_mlops.errors import ConfigError, DataError, GeoposeError
+from geopose_mlops.train import distributed, loop
+from geopose_mlops.train.checkpoint import load_checkpoint, save_checkpoint
+from geopose_mlops.train.data import PreparedData
+from geopose_mlops.train.oof import OofPredictions
+from geopose_mlops.train.recorder import FoldRecorder
+from geopose_mlops.train.tracker import Tracker
+
+# on_epoch_end(fold, epoch, metrics): called after each epoch; raise to stop the run.
+EpochCallback = Callable[[int, int, dict[str, float]], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class FoldRequest:
+    """One fold to train.
+
+    Attributes:
+        config: The cross-validation's configuration.
+        data: Cache and folds.
+        fold: Fold to validate on (trained on all the others).
+        cv_run_id: The parent run.
+        work_dir: Local folder for this fold's checkpoints and OOF files.
+        fold_run_id: An existing fold run to resume (None: a new run).
+        on_epoch_end: Called as ``(fold, epoch, metrics)`` after each logged epoch; may raise to stop.
+        progress: Show a progress bar over epochs.
+    """
+
+    config: TrainConfig
+    data: PreparedData
+    fold: int
+    cv_run_id: str
+    work_dir: Path
+    fold_run_id: str | None = None
+    on_epoch_end: EpochCallback | None = None
+    progress: bool = True
+
+
+@dataclass
+class FoldResult:
+    """One finished fold: its run, best validation score and epoch."""
+
+    run_id: str
+    best_score: float
+    best_epoch: int
+
+
+@dataclass
+class FoldModel:
+    """What a fold trains: the model, its precision, optimiser and loss."""
+
+    model: nn.Module  # the plain module: validation and checkpoints
+    precision: loop.Precision
+    optimizer: torch.optim.Optimizer
+    loss_fn: loop.LossFn
+    train_model: nn.Module  # what trains: ``model`` in DDP across ranks (once the run is open), else itself
+
+
+@dataclass(frozen=True)
+class FoldLoaders:
+    """What a fold trains and validates on, on this rank."""
+
+    sampler: distributed.ShardedEpochSampler  # this rank's share of each epoch's seeded order
+    train: torch.utils.data.DataLoader
+    val: torch.utils.data.DataLoader  # this rank's share of the validation images
+    accumulation_steps: int  # micro-batches per optimiser step on each rank
+    steps_per_epoch: int  # optimiser steps
+
+
+@dataclass
+class FoldProgress:
+    """Where a fold stands: its run, the next epoch to train and the best so far."""
+
+    run_id: str
+    start_epoch: int = 0
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    logged: set[int] = field(default_factory=set)  # epochs the store holds (on rank 0 of a resume)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (CPU and CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train_fold(
+    request: FoldRequest, tracker: Tracker, context: distributed.DistributedContext | None = None
+) -> FoldResult:
+    """Train, validate and track one fold in its own nested run (new, or resumed from ``last.pt``).
+
+    Args:
+        request: The fold, its data and where its files go.
+        tracker: A ``tracking.CvTracker``.
+        context: This process's place in a torchrun job (None: a single process on CUDA if available).
+            Each rank trains on its share of every optimiser step and validates its share of the
+            images; rank 0 alone logs and writes checkpoints (``train/distributed.py``).
+
+    Raises:
+        GeoposeError: The fold has no training or validation images, or the loss became non-finite.
+    """
+    context = context or distributed.DistributedContext(device=default_device())
+    tracker = distributed.main_rank_tracker(tracker, context)
+    if context.enabled and request.on_epoch_end is not None:
+        raise ConfigError("on_epoch_end (tuning) runs in one process per trial; start more tune workers instead")
+    train_ids, val_ids, accumulation_steps = _split_fold(request, context)
+    seed_everything(request.config.seed * 1000 + request.fold)
+    parts = _build_model(request.config, context.device)
+    progress = _open_fold_run(request, tracker, parts, context)
+    loaders = _build_loaders(request, train_ids, val_ids, accumulation_steps, context)
+    config, fold = request.config, request.fold
+    with FoldRecorder(tracker, progress.run_id, config, progress.logged) as recorder:
+        epochs = range(progress.start_epoch, config.epochs)
+        for epoch in tqdm(epochs, desc=f"fold {fold}", disable=not request.progress, unit="epoch"):
+            metrics = _run_epoch(
+                request, epoch, parts=parts, loaders=loaders, progress=progress, recorder=recorder, context=context
+            )
+            if request.on_epoch_end is not None:
+                with recorder.stopping_means_killed():
+                    recorder.wait()  # the callback (tuning) logs too: one writer at a time
+                    request.on_epoch_end(fold, epoch, metrics)
+        recorder.finish(progress.best_score, progress.best_epoch)
+    return FoldResult(run_id=progress.run_id, best_score=progress.best_score, best_epoch=progress.best_epoch)
+
+
+def _split_fold(request: FoldRequest, context: distributed.DistributedContext) -> tuple[list, list, int]:
+    """``(training ids, validation ids, micro-batches per step on each rank)`` of the fold.
+
+    Raises:
+        GeoposeError: No training images, or fewer validation images than processes.
+        ConfigError: The effective batch does not split evenly over the processes.
+    """
+    config, table = request.config, request.data.folds_table
+    val_ids = table.loc[table["fold"] == request.fold, "id"].tolist()
+    train_ids = table.loc[table["fold"] != request.fold, "id"].tolist()
+    if len(val_ids) < context.world_size or not train_ids:
+        raise GeoposeError(
+            f"fold {request.fold}: {len(train_ids)} training and {len(val_ids)} validation images "
+            f"(at least {context.world_size} needed, one per process)"
+        )
+    accumulation_steps = config.accumulation_steps // context.world_size
+    if accumulation_steps * context.world_size != config.accumulation_steps:
+        raise ConfigError(
+            f"effective_batch_size={config.effective_batch_size} is not a multiple of batch_size={config.batch_size} "
+            f"x {context.world_size} processes"
+        )
+    return train_ids, val_ids, accumulation_steps
+
+
+def _build_model(config: TrainConfig, device: torch.device) -> FoldModel:
+    """The fold's model (on ``device``), precision, optimiser and loss."""
+    from geopose_mlops.models import losses
+    from geopose_mlops.models.factory import build_model
+
+    model = build_model(config.model).to(device, memory_format=loop.memory_format(device))
+    precision = loop.make_precision(device, config.amp)
+    optimizer = loop.build_optimizer(model, config.lr, config.weight_decay)
+    loss_fn = losses.build_loss(config.loss)
+    return FoldModel(model, precision, optimizer, loss_fn, train_model=model)
+
+
+def _open_fold_run(
+    request: FoldRequest, tracker: Tracker, parts: FoldModel, context: distributed.DistributedContext
+) -> FoldProgress:
+    """Create the fold run, or reopen it and load its last checkpoint into ``parts``; where the fold stands.
+
+    Then ``parts.train_model`` is wrapped for DDP (which broadcasts rank 0's weights).
+    """
+    resuming = request.fold_run_id is not None
+    state = _resume_state(tracker, request.fold_run_id, request.work_dir) if resuming and context.is_main else None
+    state = distributed.broadcast_from_main(state, context)
+    if request.fold_run_id is None:
+        fingerprint, precision = request.data.cache.fingerprint, parts.precision.name
+        run_id = tracker.start_fold_run(request.cv_run_id, request.fold, request.config, fingerprint, precision)
+        progress = FoldProgress(distributed.broadcast_from_main(run_id, context))
+    else:
+        progress = FoldProgress(request.fold_run_id)
+        tracker.reopen(progress.run_id)
+    if state is not None:
+        parts.model.load_state_dict(state["model"])
+        parts.optimizer.load_state_dict(state["optimizer"])
+        parts.precision.scaler.load_state_dict(state["scaler"])
+        progress.start_epoch, progress.best_score = state["epoch"] + 1, state["best_score"]
+        progress.best_epoch = state["best_epoch"]
+        if context.is_main and state["epoch"] not in tracker.logged_epochs(progress.run_id):
+            tracker.log_epoch(progress.run_id, state["epoch"], state["metrics"])
+    parts.train_model = distributed.wrap_model(parts.model, context)
+    # On resume from an older last.pt, epochs after it were logged by the interrupted run: they are
+    # trained again (same seeds) but not logged twice.
+    if resuming and context.is_main:
+        progress.logged = set(tracker.logged_epochs(progress.run_id))
+    return progress
+
+
+def _resume_state(tracker: Tracker, run_id: str, local_dir: Path) -> dict | None:
+    """The last checkpoint of a fold run: its artifact, else the local copy; None if neither exists.
+
+    A process killed while it copied ``last.pt`` into a local artifact store can leave that copy cut
+    short; the local checkpoint (written atomically) is then used instead.
+
+    Raises:
+        DataError: Checkpoints exist but none can be read (each is named).
+    """
+    candidates = [tracker.download_checkpoint(run_id, LAST_NAME, local_dir / "download"), local_dir / LAST_NAME]
+    errors = []
+    for path in candidates:
+        if path is None or not Path(path).is_file():
+            continue
+        try:
+            return load_checkpoint(path)
+        except DataError as err:
+            errors.append(str(err))
+    if errors:
+        raise DataError(local_dir, f"fold run {run_id}: no readable last checkpoint ({'; '.join(errors)})")
+    return None
+
+
+def _build_loaders(
+    request: FoldRequest,
+    train_ids: list,
+    val_ids: list,
+    accumulation_steps: int,
+    context: distributed.DistributedContext,
+) -> FoldLoaders:
+    """The training loader (this rank's share of every step) and validation loader (its share of the images)."""
+    config, cache = request.config, request.data.cache
+    augmentation = None
+    if config.augment:
+        from geopose_mlops.data.augment import build_train_augmentation
+
+        augmentation = build_train_augmentation(crop_size=config.crop_size)
+    train_set = GeoposeDataset(cache, cache.rows(train_ids), augmentation)
+    seed = config.seed * 1000 + request.fold
+    sampler = distributed.ShardedEpochSampler(len(train_set), seed, context, config.batch_size)
+    train_loader = loop.make_loader(train_set, config.batch_size, config.num_workers, sampler)
+    val_rows = cache.rows(val_ids)[distributed.shard_indices(len(val_ids), context)]
+    val_loader = loop.make_loader(GeoposeDataset(cache, val_rows), config.batch_size, config.num_workers)
+    steps_per_epoch = math.ceil(len(train_loader) / accumulation_steps)
+    return FoldLoaders(sampler, train_loader, val_loader, accumulation_steps, steps_per_epoch)
+
+
+def _run_epoch(
+    request: FoldRequest,
+    epoch: int,
+    *,
+    parts: FoldModel,
+    loaders: FoldLoaders,
+    progress: FoldProgress,
+    recorder: FoldRecorder,
+    context: distributed.DistributedContext,
+) -> dict[str, float]:
+    """Train and validate one epoch, write its checkpoints and hand them to ``recorder``; its metrics."""
+    config = request.config
+    start = time.perf_counter()
+    loaders.sampler.set_epoch(epoch)
+    total_steps = loaders.steps_per_epoch * config.epochs
+
+    def lr_at_step(step: int) -> float:
+        return loop.learning_rate(step, total_steps, config.lr)
+
+    try:
+        result = loop.train_one_epoch(  # through the module: bench/bench_tracking.py wraps it
+            parts.train_model,
+            loaders.train,
+            parts.optimizer,
+            parts.loss_fn,
+            parts.precision,
+            loaders.accumulation_steps,
+            lr_at_step,
+            first_step=epoch * loaders.steps_per_epoch,
+            epoch=epoch,
+        )
+    except GeoposeError as err:
+        kept = f"epoch {epoch - 1}" if epoch > 0 else "none yet"
+        raise GeoposeError(f"fold {request.fold} (run {progress.run_id}): {err} Last good checkpoint: {kept}.") from err
+    oof = distributed.gather_oof(loop.predict_validation(parts.model, loaders.val, parts.precision), context)
+    metrics = loop.validation_metrics(oof.score()) if context.is_main else None
+    metrics = distributed.broadcast_from_main(metrics, context)  # every rank takes the same decisions
+    mine = len(loaders.sampler)  # this rank's training images
+    loss_sum, images = distributed.reduce_sum([result.train_loss * mine, mine], context)
+    metrics.update(train_loss=loss_sum / images, lr=result.lr)
+    improved = progress.best_epoch < 0 or metrics["val_score"] > progress.best_score
+    if improved:
+        progress.best_score, progress.best_epoch = metrics["val_score"], epoch
+    metrics["epoch_seconds"] = time.perf_counter() - start
+    if context.is_main:  # the other ranks hold the same weights and no predictions to store
+        recorder.wait()  # the files below are rewritten: the last epoch's upload must be done
+        _write_checkpoints(request, epoch, metrics, parts=parts, progress=progress, recorder=recorder,
+                           improved_oof=oof if improved else None)  # fmt: skip
+    return metrics
+
+
+def _write_checkpoints(
+    request: FoldRequest,
+    epoch: int,
+    metrics: dict[str, float],
+    *,
+    parts: FoldModel,
+    progress: FoldProgress,
+    recorder: FoldRecorder,
+    improved_oof: OofPredictions | None,
+) -> None:
+    """Write ``last.pt`` (and ``best.pt`` and ``oof/`` when the score improved) and hand them to ``recorder``."""
+    work_dir = request.work_dir
+    progress_state = (request.config, request.fold, epoch, progress.best_score, progress.best_epoch)
+    best = oof_dir = None
+    if improved_oof is not None:
+        # best.pt serves predictions and ensembles: weights only, a third of last.pt's size
+        # (AdamW keeps two moments per weight). Resume reads last.pt.
+        best = save_checkpoint(work_dir / BEST_NAME, parts.model, None, None, *progress_state)
+        oof_dir = improved_oof.save(work_dir / "oof")
+    last = save_checkpoint(
+        work_dir / LAST_NAME, parts.model, parts.optimizer, parts.precision.scaler, *progress_state, metrics
+    )
+    recorder.record_epoch(epoch, metrics, last, best, oof_dir)
