@@ -132,6 +132,7 @@ def train_fold(
 
     Raises:
         GeoposeError: The fold has no training or validation images, or the loss became non-finite.
+        ConfigError: A callback under torchrun, or an effective batch that does not split over the processes.
     """
     context = context or distributed.DistributedContext(device=default_device())
     tracker = distributed.main_rank_tracker(tracker, context)
