@@ -446,7 +446,7 @@ def ensemble() -> None:
 @click.option("--method", type=click.Choice(["simplex", "caruana", "equal"]), default="simplex", show_default=True)
 def ensemble_fit(experiment: str, filter_string: str, run_ids: str, max_members: int | None, method: str) -> None:
     """Fit weights, city height factors and a scale model on OOF predictions; log an ensemble run."""
-    from geopose_mlops.registry import fit_tracked_ensemble
+    from geopose_mlops.ensemble.members import fit_tracked_ensemble
 
     ids = [r for r in run_ids.split(",") if r] or None
     run_id, spec = fit_tracked_ensemble(experiment, filter_string, ids, max_members, method)

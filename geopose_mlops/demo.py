@@ -140,7 +140,8 @@ def run_demo(
     from geopose_mlops.data.folds import make_folds, write_folds
     from geopose_mlops.data.synth import make_synthetic_dataset
     from geopose_mlops.metrics import evaluate_folder
-    from geopose_mlops.tracking.runs import CvTracker, ensure_experiment
+    from geopose_mlops.tracking.experiments import experiment_id
+    from geopose_mlops.tracking.runs import cv_score, find_finished_cv_run
     from geopose_mlops.train.cv import run_cross_validation
 
     settings = settings or DemoSettings()
@@ -149,7 +150,7 @@ def run_demo(
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir = workdir / "data"
     os.environ["MLFLOW_TRACKING_URI"] = uri = demo_tracking_uri(workdir)
-    ensure_experiment(DEMO_EXPERIMENT, (workdir / "artifacts").as_uri())
+    experiment_id(DEMO_EXPERIMENT, create=True, artifact_location=(workdir / "artifacts").as_uri())
     summary = DemoSummary(workdir=workdir, tracking_uri=uri)
 
     _step(say, f"1/8 synthetic data -> {data_dir}")
@@ -179,7 +180,6 @@ def run_demo(
     fingerprint = cache_fingerprint(samples, settings.image_size)
 
     _step(say, f"4/8 cross-validation of {len(settings.architectures)} architectures")
-    tracker = CvTracker(DEMO_EXPERIMENT)
     base = TrainConfig(
         data_dir=str(data_dir),
         epochs=settings.epochs,
@@ -195,11 +195,11 @@ def run_demo(
     for decoder, encoder in settings.architectures:
         name = f"{decoder}/{encoder}"
         config = replace(base, model=ModelConfig(encoder=encoder, decoder=decoder))
-        run_id = tracker.find_finished_cv_run(config, fingerprint)
+        run_id = find_finished_cv_run(DEMO_EXPERIMENT, config, fingerprint)
         summary.reused[name] = run_id is not None
         if run_id is None:
             run_id = run_cross_validation(config, experiment=DEMO_EXPERIMENT).run_id
-        summary.cv_scores[name] = tracker.client.get_run(run_id).data.metrics["cv_score"]
+        summary.cv_scores[name] = cv_score(run_id)
         cv_run_ids.append(run_id)
         say(f"   {name}: cv_score {summary.cv_scores[name]:.4f} ({'reused' if summary.reused[name] else 'trained'})")
 
@@ -266,7 +266,8 @@ def _run_demo_study(workdir: Path, base: TrainConfig, settings: DemoSettings, sa
 def _fit_and_promote(cv_run_ids: list[str], say: Callable[[str], None]) -> dict:
     """Fit on the architectures' OOF predictions, promote the best ensemble, return its numbers."""
     from geopose_mlops.constants import CHAMPION_ALIAS, REGISTERED_MODEL
-    from geopose_mlops.registry import fit_tracked_ensemble, promote
+    from geopose_mlops.ensemble.members import fit_tracked_ensemble
+    from geopose_mlops.registry import promote
 
     run_id, spec = fit_tracked_ensemble(DEMO_EXPERIMENT, run_ids=cv_run_ids, method="simplex")
     say(

@@ -1,20 +1,18 @@
-"""Ensembles in MLflow: fit on tracked OOF predictions, log, package as pyfunc, register, alias.
+"""Ensembles in the model registry: package an ensemble run as pyfunc, register it, move its alias, load it.
 
-Every MLflow call of ``ensemble fit``, ``promote`` and ``predict`` lives here.
+Every MLflow call of ``promote`` and ``predict --model`` lives here. Fitting an ensemble on tracked runs
+is ``ensemble.members`` (its MLflow calls in ``tracking.ensembles``).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import tempfile
-import warnings
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import torch
-from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
@@ -24,140 +22,19 @@ from geopose_mlops.constants import (
     BEST_NAME,
     CHAMPION_ALIAS,
     CHECKPOINT_DIR,
-    CODE_VERSION_TAG,
     DEFAULT_EXPERIMENT,
     ENSEMBLE_JSON,
-    KIND_CV,
     KIND_ENSEMBLE,
     KIND_TAG,
     REGISTERED_MODEL,
 )
-from geopose_mlops.ensemble.fit import EnsembleSpec, fit_ensemble
-from geopose_mlops.ensemble.stats import MemberOof, read_image_table
+from geopose_mlops.ensemble.fit import EnsembleSpec
 from geopose_mlops.errors import ConfigError, GeoposeError
 from geopose_mlops.inference import EnsemblePredictor
-from geopose_mlops.tracking.runs import FINGERPRINT_PARAM, CvTracker, code_version
+from geopose_mlops.tracking.experiments import experiment_id
 
 ENSEMBLE_RUN_TAG = "geopose.ensemble_run_id"
 CANDIDATE_TAG_PREFIX = "geopose.candidate."  # + alias: the version was promoted for that alias
-
-
-def _experiment_ids(client: MlflowClient, experiment: str) -> list[str]:
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        raise ConfigError(f"--experiment {experiment!r} does not exist in {mlflow.get_tracking_uri()}")
-    return [found.experiment_id]
-
-
-def select_cv_runs(
-    experiment: str = DEFAULT_EXPERIMENT,
-    filter_string: str = "",
-    run_ids: list[str] | None = None,
-    max_members: int | None = None,
-) -> list[mlflow.entities.Run]:
-    """Finished top-level cv runs on the same data (best ``cv_score`` first), the candidates.
-
-    A search keeps the runs with the best run's ``data_fingerprint`` and warns of those it leaves out;
-    named runs must all share it (the sample ids are checked again when their OOF folders are aligned).
-
-    Raises:
-        ConfigError: A named run is not a finished cv run or was trained on other data, or no candidate
-            remains.
-    """
-    client = MlflowClient()
-    if run_ids:
-        runs = [client.get_run(r) for r in run_ids]
-        bad = [r.info.run_id for r in runs if r.data.tags.get(KIND_TAG) != KIND_CV or r.info.status != "FINISHED"]
-        if bad:
-            raise ConfigError(f"--run-ids {bad}: not finished cross-validation runs (tag {KIND_TAG}={KIND_CV})")
-    else:
-        query = f"tags.`{KIND_TAG}` = '{KIND_CV}' and attributes.status = 'FINISHED'"
-        runs = client.search_runs(
-            _experiment_ids(client, experiment),
-            f"{query} and {filter_string}" if filter_string else query,
-            order_by=["metrics.cv_score DESC"],
-        )
-    runs = [r for r in runs if "cv_score" in r.data.metrics and math.isfinite(r.data.metrics["cv_score"])]
-    if not runs:
-        raise ConfigError(f"no finished cv run with a cv_score in experiment {experiment!r} to ensemble")
-    runs.sort(key=lambda r: -r.data.metrics["cv_score"])
-    data = runs[0].data.params.get(FINGERPRINT_PARAM)
-    other = [r.info.run_id for r in runs if r.data.params.get(FINGERPRINT_PARAM) != data]
-    if run_ids and other:
-        raise ConfigError(
-            f"--run-ids {other}: trained on other data ({FINGERPRINT_PARAM} differs from {runs[0].info.run_id}'s "
-            f"{data!r}); an ensemble needs members whose folds cover the same images"
-        )
-    if other:
-        warnings.warn(
-            f"{len(other)} finished cv run(s) left out, trained on other data than the best run "
-            f"{runs[0].info.run_id} ({FINGERPRINT_PARAM} {data!r}): {other[:10]}"
-            + (f" and {len(other) - 10} more" if len(other) > 10 else "")
-            + "; name the runs (--run-ids) or narrow the search (--filter) to choose",
-            stacklevel=2,
-        )
-    runs = [r for r in runs if r.data.params.get(FINGERPRINT_PARAM) == data]
-    return runs[:max_members] if max_members else runs
-
-
-def fit_tracked_ensemble(
-    experiment: str = DEFAULT_EXPERIMENT,
-    filter_string: str = "",
-    run_ids: list[str] | None = None,
-    max_members: int | None = None,
-    method: str = "simplex",
-) -> tuple[str, EnsembleSpec]:
-    """Fit an ensemble on the candidates' OOF predictions and log it as an ``ensemble`` run.
-
-    Returns:
-        (ensemble run id, the fitted spec).
-    """
-    runs = select_cv_runs(experiment, filter_string, run_ids, max_members)
-    tracker = CvTracker(experiment)
-    with tempfile.TemporaryDirectory(prefix="geopose-ensemble-") as tmp:
-        tmp = Path(tmp)
-        members, member_folds = [], {}
-        for run in runs:
-            folds = tracker.fold_runs(run.info.run_id)
-            member_folds[run.info.run_id] = {str(f): r.info.run_id for f, r in sorted(folds.items())}
-            folders = {f: tracker.download_oof(r.info.run_id, tmp / run.info.run_id / str(f)) for f, r in folds.items()}
-            members.append(MemberOof(run.info.run_id, folders))
-        table = read_image_table(members)
-        out = tmp / "ensemble"
-        out.mkdir()
-        spec, _ = fit_ensemble(table, method, scale_model_dir=out)
-        spec.member_folds = member_folds
-        spec.image_size = int(runs[0].data.params["image_size"])
-        spec.save(out / ENSEMBLE_JSON)
-        client = MlflowClient()
-        run_id = client.create_run(
-            runs[0].info.experiment_id,
-            run_name=f"ensemble-{method}-{len(members)}",
-            tags={KIND_TAG: KIND_ENSEMBLE, CODE_VERSION_TAG: code_version()},
-        ).info.run_id
-        metrics = {
-            "oof_score": spec.oof_score,
-            "best_member_oof_score": spec.best_member_oof_score,
-            "equal_weights_oof_score": spec.equal_weights_oof_score,
-            **{f"{m}_weights_oof_score": v for m, v in spec.method_oof_scores.items()},
-            **{f"oof_score_{c}": v for c, v in spec.oof_city_scores.items()},
-        }
-        params = {
-            "members": json.dumps(spec.members),
-            "method": method,
-            "n_members": str(len(spec.members)),
-            "city_height_factors": json.dumps(spec.city_height_factors),
-            "scale_model": str(spec.scale_model is not None),
-            "scale_angle_weights_from": spec.scale_angle_weights_from,
-        }
-        client.log_batch(
-            run_id,
-            metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()],
-            params=[Param(k, v) for k, v in params.items()],
-        )
-        client.log_artifacts(run_id, str(out))
-        client.set_terminated(run_id)
-    return run_id, spec
 
 
 class GeoposeEnsembleModel(mlflow.pyfunc.PythonModel):
@@ -199,7 +76,7 @@ def _package(run_id: str, folder: Path) -> EnsembleSpec:
 def _resolve_ensemble(client: MlflowClient, ensemble: str, experiment: str) -> mlflow.entities.Run:
     if ensemble == "best":
         runs = client.search_runs(
-            _experiment_ids(client, experiment),
+            [experiment_id(experiment)],
             f"tags.`{KIND_TAG}` = '{KIND_ENSEMBLE}' and attributes.status = 'FINISHED'",
             order_by=["metrics.oof_score DESC"],
             max_results=1,

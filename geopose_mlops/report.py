@@ -7,7 +7,7 @@ per-city parts, as Markdown and CSV; PNG plots of the per-epoch validation curve
 spread over folds) and of each ensemble's gain over its members. Everything is written to an output
 folder and logged as the artifacts of a ``report`` run (SPEC §4 names throughout).
 
-The MLflow calls (``read_tracked_runs``, ``log_report_run``) live in the last section of ``tracking.py``;
+The MLflow calls (``read_tracked_runs``, ``log_report_run``) live in ``tracking/reads.py``;
 this module works on the plain views they return (``CvRun`` with its ``FoldRun``s, ``EnsembleRun``).
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from geopose_mlops.constants import CITIES, DEFAULT_EXPERIMENT
+from geopose_mlops.constants import CITIES, DEFAULT_EXPERIMENT, KIND_CV, KIND_TAG
 from geopose_mlops.errors import ConfigError, DataError
 from geopose_mlops.tracking.reads import CvRun, EnsembleRun, FoldRun, log_report_run, read_tracked_runs
 
@@ -290,7 +290,7 @@ def make_report(experiment: str = DEFAULT_EXPERIMENT, out_dir: Path | str = "rep
         raise ConfigError(f"--epochs: epochs are counted from 1, got {list(epochs)}")
     cv_runs, ensembles = read_tracked_runs(experiment)
     if not cv_runs:
-        raise DataError(f"experiment {experiment}", "no finished cross-validation run (tag geopose.kind=cv)")
+        raise DataError(f"experiment {experiment}", f"no finished cross-validation run (tag {KIND_TAG}={KIND_CV})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     architectures = group_architectures(cv_runs)

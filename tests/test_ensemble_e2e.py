@@ -136,10 +136,9 @@ def test_fit_promote_predict_evaluate(tmp_path, monkeypatch) -> None:
 def test_a_search_keeps_the_best_runs_data_and_names_the_runs_it_leaves_out(tmp_path) -> None:
     """Candidates must cover the same images: a search keeps the runs on the best run's data and warns
     naming the others; named runs on other data are refused."""
-    from geopose_mlops.constants import KIND_CV, KIND_TAG
+    from geopose_mlops.constants import FINGERPRINT_PARAM, KIND_CV, KIND_TAG
+    from geopose_mlops.ensemble.members import select_cv_runs
     from geopose_mlops.errors import ConfigError
-    from geopose_mlops.registry import select_cv_runs
-    from geopose_mlops.tracking.runs import FINGERPRINT_PARAM
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     client = MlflowClient()

@@ -177,12 +177,12 @@ def test_killed_and_resumed_fold_logs_every_epoch_once(data_dir, tmp_path, monke
 
 
 def test_experiments_of_a_sqlite_store_keep_artifacts_beside_it(tmp_path, monkeypatch) -> None:
-    from geopose_mlops.tracking.runs import ensure_experiment
+    from geopose_mlops.tracking.experiments import experiment_id
 
     monkeypatch.chdir(tmp_path)  # MLflow's own default would be ./mlruns here
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/store/mlflow.db")
     (tmp_path / "store").mkdir()
-    experiment = MlflowClient().get_experiment(ensure_experiment("beside"))
+    experiment = MlflowClient().get_experiment(experiment_id("beside", create=True))
     assert experiment.artifact_location == (tmp_path / "store" / "mlartifacts" / "beside").as_uri()
 
 
@@ -349,7 +349,7 @@ def test_a_data_set_logged_by_two_runs_at_once_ends_up_linked_to_both(tmp_path, 
 def test_workers_creating_the_same_experiment_at_once_all_get_the_one_that_was_made(tmp_path, monkeypatch):
     """Two workers look the experiment up, find nothing, and both create it: the store refuses the later
     one (RESOURCE_ALREADY_EXISTS), and that worker takes the experiment the other one made."""
-    from geopose_mlops.tracking.runs import ensure_experiment
+    from geopose_mlops.tracking.experiments import experiment_id
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     made_by_the_other = MlflowClient().create_experiment("workers")
@@ -361,6 +361,6 @@ def test_workers_creating_the_same_experiment_at_once_all_get_the_one_that_was_m
         return None if len(looked_up) == 1 else original(self, name)  # as read before the other's commit
 
     monkeypatch.setattr(MlflowClient, "get_experiment_by_name", stale_first_look)
-    assert ensure_experiment("workers") == made_by_the_other
+    assert experiment_id("workers", create=True) == made_by_the_other
     assert looked_up == ["workers", "workers"]
     assert [e.name for e in MlflowClient().search_experiments()].count("workers") == 1

@@ -17,8 +17,16 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from geopose_mlops.constants import DEFAULT_EXPERIMENT, KIND_CV, KIND_ENSEMBLE, KIND_FOLD, KIND_REPORT, KIND_TAG
-from geopose_mlops.errors import ConfigError
+from geopose_mlops.constants import (
+    DEFAULT_EXPERIMENT,
+    ENSEMBLE_JSON,
+    KIND_CV,
+    KIND_ENSEMBLE,
+    KIND_FOLD,
+    KIND_REPORT,
+    KIND_TAG,
+)
+from geopose_mlops.tracking.experiments import experiment_id
 
 
 @dataclass(frozen=True)
@@ -87,13 +95,6 @@ class EnsembleRun:
     member_ids: list[str]
 
 
-def _experiment_id(client: MlflowClient, experiment: str) -> str:
-    found = client.get_experiment_by_name(experiment)
-    if found is None or found.lifecycle_stage != "active":
-        raise ConfigError(f"--experiment: no active MLflow experiment named {experiment!r}")
-    return found.experiment_id
-
-
 def _finished_runs(client: MlflowClient, experiment_id: str, kind: str) -> list[Run]:
     return client.search_runs(
         [experiment_id], filter_string=f"tags.`{KIND_TAG}` = '{kind}' and attributes.status = 'FINISHED'",
@@ -121,7 +122,7 @@ def _member_ids(run: Run) -> list[str]:
         return [m.strip() for m in raw.replace(";", ",").split(",") if m.strip()]
     # Params are capped in length: fall back to the ensemble.json artifact.
     try:
-        text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/ensemble.json")
+        text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{ENSEMBLE_JSON}")
     except (MlflowException, OSError):  # no such artifact: the members are unknown
         return []
     members = json.loads(text).get("members", [])
@@ -137,9 +138,9 @@ def read_tracked_runs(experiment: str = DEFAULT_EXPERIMENT) -> tuple[list[CvRun]
         ConfigError: No active experiment has that name.
     """
     client = MlflowClient()
-    experiment_id = _experiment_id(client, experiment)
+    found_in = experiment_id(experiment)
     folds_by_parent: dict[str, list[FoldRun]] = {}
-    for run in _finished_runs(client, experiment_id, KIND_FOLD):
+    for run in _finished_runs(client, found_in, KIND_FOLD):
         parent = run.data.tags.get(MLFLOW_PARENT_RUN_ID, "")
         fold = FoldRun(
             run.info.run_id, run.info.run_name or run.info.run_id, _history(client, run), dict(run.data.params)
@@ -148,12 +149,12 @@ def read_tracked_runs(experiment: str = DEFAULT_EXPERIMENT) -> tuple[list[CvRun]
     cv_runs = [
         CvRun(run.info.run_id, run.info.run_name or run.info.run_id, dict(run.data.params), dict(run.data.metrics),
               sorted(folds_by_parent.get(run.info.run_id, []), key=lambda f: f.name))
-        for run in _finished_runs(client, experiment_id, KIND_CV)
+        for run in _finished_runs(client, found_in, KIND_CV)
     ]
     ensembles = [
         EnsembleRun(run.info.run_id, run.info.run_name or run.info.run_id,
                     run.data.metrics.get("oof_score", math.nan), _member_ids(run))
-        for run in _finished_runs(client, experiment_id, KIND_ENSEMBLE)
+        for run in _finished_runs(client, found_in, KIND_ENSEMBLE)
     ]
     return cv_runs, ensembles
 
@@ -166,7 +167,7 @@ def log_report_run(experiment: str, paths: Sequence[Path], params: dict[str, obj
     """
     # A client, not the fluent API, so that a report made inside another active run stays separate.
     client = MlflowClient()
-    run = client.create_run(_experiment_id(client, experiment), tags={KIND_TAG: KIND_REPORT}, run_name="report")
+    run = client.create_run(experiment_id(experiment), tags={KIND_TAG: KIND_REPORT}, run_name="report")
     try:
         for key, value in params.items():
             client.log_param(run.info.run_id, key, str(value))

@@ -1,4 +1,9 @@
-"""Every MLflow call of training: cross-validation and fold runs, params, metrics, checkpoints, OOF files.
+"""Runs written by training: ``CvTracker`` creates, finds and fills the runs of one cross-validation.
+
+Also here: the code version and params every cv run carries, and the plain reads of those runs that
+other stages need without a tracker (``fold_runs``, ``find_finished_cv_run``, ``cv_score``). Batched
+logging is in ``tracking.batches``, artifact links and downloads in ``tracking.artifacts``, the
+experiment look-up in ``tracking.experiments``.
 
 SPEC §4: a parent run tagged ``geopose.kind=cv`` (or the caller's kind, e.g. ``trial``) holds the
 configuration, the data set input, ``folds.csv``, ``config.json`` and the out-of-fold scores; one nested
@@ -14,16 +19,13 @@ import functools
 import hashlib
 import os
 import tempfile
-import time
-import urllib.parse
-import urllib.request
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import mlflow
 import pandas as pd
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import DatasetInput, InputTag, Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
@@ -35,17 +37,19 @@ from geopose_mlops.constants import (
     CODE_VERSION_TAG,
     CONFIG_JSON,
     DEFAULT_EXPERIMENT,
+    FINGERPRINT_PARAM,
     FOLD_TAG,
+    FOLDS_CSV,
     KIND_CV,
     KIND_FOLD,
     KIND_TAG,
     OOF_DIR,
 )
 from geopose_mlops.errors import ConfigError
+from geopose_mlops.tracking import artifacts, batches
+from geopose_mlops.tracking.experiments import experiment_id
 
-FINGERPRINT_PARAM = "data_fingerprint"
 SKIPPED_FILES = "skipped_files.csv"  # artifact of a cv run trained with skip_bad
-MAX_BATCH = 500  # below the tracking server's per-request limit of 1000 metrics
 
 
 @functools.cache
@@ -88,42 +92,6 @@ def run_params(config: TrainConfig, data_fingerprint: str) -> dict[str, str]:
     }
 
 
-def default_artifact_location(name: str) -> str | None:
-    """Where a new experiment's artifacts go: beside a local SQLite store, else the server's choice.
-
-    MLflow's own default for a SQLite store is ``./mlruns`` relative to whatever folder a command runs
-    in, which scatters checkpoints over working directories; ``sqlite:///.../mlflow.db`` keeps them in
-    ``.../mlartifacts/<experiment>`` instead.
-    """
-    uri = mlflow.get_tracking_uri()
-    if not uri.startswith("sqlite:///"):
-        return None
-    database = Path(uri.removeprefix("sqlite:///").split("?")[0])
-    if not database.is_absolute():
-        database = Path.cwd() / database
-    return (database.parent / "mlartifacts" / name).as_uri()
-
-
-def ensure_experiment(name: str, artifact_location: str | None = None) -> str:
-    """The id of experiment ``name``, created with ``artifact_location`` if it does not exist yet.
-
-    With no ``artifact_location``, ``default_artifact_location`` decides. Workers starting at once (tune
-    or fold workers on one server) may all find it missing: those whose creation loses the race take the
-    winner's.
-    """
-    client = MlflowClient()
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location or default_artifact_location(name))
-    except MlflowException as err:
-        found = client.get_experiment_by_name(name) if err.error_code == "RESOURCE_ALREADY_EXISTS" else None
-        if found is None:
-            raise
-        return found.experiment_id
-
-
 class CvTracker:
     """Creates, finds and fills the runs of one cross-validation.
 
@@ -153,7 +121,7 @@ class CvTracker:
     def experiment_id(self) -> str:
         """The experiment's id (it is created on first use)."""
         if self._experiment_id is None:
-            self._experiment_id = ensure_experiment(self.experiment_name)
+            self._experiment_id = experiment_id(self.experiment_name, create=True)
         return self._experiment_id
 
     # --- runs ---------------------------------------------------------------------------------------
@@ -204,37 +172,13 @@ class CvTracker:
             return run_id, None
         raise ConfigError(f"--resume {run_id}: not a cross-validation or fold run (tag {KIND_TAG} missing)")
 
-    def fold_runs(self, cv_run_id: str) -> dict[int, mlflow.entities.Run]:
-        """The existing fold runs under a cv run, by fold."""
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} = '{cv_run_id}' and tags.`{KIND_TAG}` = '{KIND_FOLD}'",
-        )
-        return {int(r.data.tags[FOLD_TAG]): r for r in runs}
+    def fold_runs(self, cv_run_id: str) -> dict[int, Run]:
+        """The existing fold runs under a cv run of this experiment, by fold."""
+        return fold_runs(self.client, self.experiment_id, cv_run_id)
 
     def find_finished_cv_run(self, config: TrainConfig, data_fingerprint: str) -> str | None:
-        """A FINISHED top-level cv run of this experiment with the same params, data and code version.
-
-        Used to reuse work instead of training again (``geopose-ml demo``); None when there is none.
-        """
-        if self.client.get_experiment_by_name(self.experiment_name) is None:
-            return None
-        wanted = run_params(config, data_fingerprint)
-        runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=(
-                f"tags.`{KIND_TAG}` = '{KIND_CV}' and attributes.status = 'FINISHED'"
-                f" and tags.`{CODE_VERSION_TAG}` = '{code_version()}'"
-                f" and params.{FINGERPRINT_PARAM} = '{data_fingerprint}'"
-            ),
-            order_by=["attributes.start_time DESC"],
-        )
-        for run in runs:
-            if MLFLOW_PARENT_RUN_ID in run.data.tags or "cv_score" not in run.data.metrics:
-                continue
-            if all(run.data.params.get(k) == v for k, v in wanted.items()):
-                return run.info.run_id
-        return None
+        """A FINISHED top-level cv run of this experiment like ``config`` (see ``find_finished_cv_run``)."""
+        return find_finished_cv_run(self.experiment_name, config, data_fingerprint)
 
     def start_fold_run(
         self, cv_run_id: str, fold: int, config: TrainConfig, data_fingerprint: str, precision: str | None = None
@@ -252,7 +196,7 @@ class CvTracker:
         }
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"fold-{fold}")
         # Known now: the first checkpoint stored needs no lookup of the run.
-        self._artifact_dirs[run.info.run_id] = local_artifact_dir(run.info.artifact_uri)
+        self._artifact_dirs[run.info.run_id] = artifacts.local_artifact_dir(run.info.artifact_uri)
         params = {**run_params(config, data_fingerprint), "fold": str(fold)}
         if precision is not None:
             params["precision"] = precision
@@ -273,27 +217,11 @@ class CvTracker:
         self,
         run_id: str,
         metrics: dict[str, float] | None = None,
-        step: int = 0,
         params: dict[str, str] | None = None,
         tags: dict[str, str] | None = None,
     ) -> None:
         """Everything in as few requests as possible (one ``log_batch`` per 500 values)."""
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()]
-        items += [Param(k, str(v)) for k, v in (params or {}).items()]
-        items += [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-        self._send(run_id, items)
-
-    def _send(self, run_id: str, items: Sequence[Metric | Param | RunTag]) -> None:
-        """``log_batch`` the items in chunks of ``MAX_BATCH``."""
-        for start in range(0, len(items), MAX_BATCH):
-            chunk = items[start : start + MAX_BATCH]
-            self.client.log_batch(
-                run_id,
-                metrics=[i for i in chunk if isinstance(i, Metric)],
-                params=[i for i in chunk if isinstance(i, Param)],
-                tags=[i for i in chunk if isinstance(i, RunTag)],
-            )
+        batches.log_values(self.client, run_id, metrics=metrics, params=params, tags=tags)
 
     def log_epoch(self, run_id: str, epoch: int, metrics: dict[str, float]) -> None:
         """Log one epoch's metrics at ``step = epoch`` in one request."""
@@ -301,8 +229,7 @@ class CvTracker:
 
     def log_epochs(self, run_id: str, epochs: Sequence[tuple[int, dict[str, float]]]) -> None:
         """Log several epochs' metrics (``step = epoch``) in as few requests as possible."""
-        now = int(time.time() * 1000)
-        self._send(run_id, [Metric(k, float(v), now, epoch) for epoch, metrics in epochs for k, v in metrics.items()])
+        batches.log_epochs(self.client, run_id, epochs)
 
     def logged_epochs(self, run_id: str, key: str = "val_score") -> list[int]:
         """The steps at which ``key`` was logged (epochs already recorded), sorted."""
@@ -344,7 +271,7 @@ class CvTracker:
                 raise
             self.client.log_inputs(cv_run_id, inputs)
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "folds.csv"
+            path = Path(tmp) / FOLDS_CSV
             folds_table.to_csv(path, index=False)
             self.client.log_artifact(cv_run_id, str(path))
 
@@ -369,10 +296,7 @@ class CvTracker:
         Raises:
             ConfigError: The run has no such artifact.
         """
-        try:
-            return Path(self.client.download_artifacts(run_id, name, tempfile.mkdtemp(prefix="geopose-")))
-        except (MlflowException, OSError) as err:
-            raise ConfigError(f"run {run_id} has no artifact {name!r} ({err})") from err
+        return artifacts.download_artifact(self.client, run_id, name)
 
     # --- artifacts ----------------------------------------------------------------------------------
 
@@ -380,37 +304,32 @@ class CvTracker:
         """Store a checkpoint file under ``checkpoints/`` (same name; replaces the previous one).
 
         Into a local artifact folder on the same file system the file is hard-linked, not copied
-        (see ``_link_into``); elsewhere MLflow uploads it.
+        (see ``artifacts.link_into``); elsewhere MLflow uploads it.
         """
         local = self._local_artifact_dir(run_id)
-        if local is None or not _link_into(local / CHECKPOINT_DIR, [Path(path)]):
+        if local is None or not artifacts.link_into(local / CHECKPOINT_DIR, [Path(path)]):
             self.client.log_artifact(run_id, str(path), CHECKPOINT_DIR)
 
     def log_oof(self, run_id: str, folder: Path) -> None:
         """Store the files of an ``oof/`` folder under ``oof/`` (hard links where possible, as above)."""
         local = self._local_artifact_dir(run_id)
         files = sorted(p for p in Path(folder).iterdir() if p.is_file())
-        if local is None or not _link_into(local / OOF_DIR, files):
+        if local is None or not artifacts.link_into(local / OOF_DIR, files):
             self.client.log_artifacts(run_id, str(folder), OOF_DIR)
 
     def _local_artifact_dir(self, run_id: str) -> Path | None:
         """The run's artifact folder if its artifact store is a local folder, else None (cached per run)."""
         if run_id not in self._artifact_dirs:
-            self._artifact_dirs[run_id] = local_artifact_dir(self.client.get_run(run_id).info.artifact_uri)
+            self._artifact_dirs[run_id] = artifacts.local_artifact_dir(self.client.get_run(run_id).info.artifact_uri)
         return self._artifact_dirs[run_id]
 
     def download_checkpoint(self, run_id: str, name: str, dest: Path) -> Path | None:
         """Download ``checkpoints/<name>`` of a run into ``dest``; None if the run has none."""
-        names = {Path(f.path).name for f in self.client.list_artifacts(run_id, CHECKPOINT_DIR)}
-        if name not in names:
-            return None
-        dest.mkdir(parents=True, exist_ok=True)
-        return Path(self.client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/{name}", str(dest)))
+        return artifacts.download_checkpoint(self.client, run_id, name, dest)
 
     def download_oof(self, run_id: str, dest: Path) -> Path:
         """Download a fold run's ``oof/`` folder into ``dest``; returns the local ``oof`` folder."""
-        dest.mkdir(parents=True, exist_ok=True)
-        return Path(self.client.download_artifacts(run_id, OOF_DIR, str(dest)))
+        return artifacts.download_oof(self.client, run_id, dest)
 
 
 def _is_duplicate_dataset(err: MlflowException) -> bool:
@@ -419,37 +338,47 @@ def _is_duplicate_dataset(err: MlflowException) -> bool:
     return "dataset" in text and ("unique" in text or "duplicate" in text)
 
 
-def local_artifact_dir(artifact_uri: str) -> Path | None:
-    """The local folder of an artifact URI (``file:`` URI or plain path); None for remote stores."""
-    parsed = urllib.parse.urlparse(artifact_uri)
-    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
-        return Path(urllib.request.url2pathname(parsed.path))
-    if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):  # a path (or a drive letter)
-        return Path(artifact_uri)
+def fold_runs(client: MlflowClient, experiment_id: str, cv_run_id: str) -> dict[int, Run]:
+    """The existing fold runs under cv run ``cv_run_id`` of experiment ``experiment_id``, by fold."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} = '{cv_run_id}' and tags.`{KIND_TAG}` = '{KIND_FOLD}'",
+    )
+    return {int(r.data.tags[FOLD_TAG]): r for r in runs}
+
+
+def find_finished_cv_run(experiment: str, config: TrainConfig, data_fingerprint: str) -> str | None:
+    """A FINISHED top-level cv run of ``experiment`` with the same params, data and code version.
+
+    Used to reuse work instead of training again (``geopose-ml demo``); None when there is none (or no
+    such experiment).
+    """
+    try:
+        found_in = experiment_id(experiment)
+    except ConfigError:
+        return None
+    wanted = run_params(config, data_fingerprint)
+    runs = MlflowClient().search_runs(
+        [found_in],
+        filter_string=(
+            f"tags.`{KIND_TAG}` = '{KIND_CV}' and attributes.status = 'FINISHED'"
+            f" and tags.`{CODE_VERSION_TAG}` = '{code_version()}'"
+            f" and params.{FINGERPRINT_PARAM} = '{data_fingerprint}'"
+        ),
+        order_by=["attributes.start_time DESC"],
+    )
+    for run in runs:
+        if MLFLOW_PARENT_RUN_ID in run.data.tags or "cv_score" not in run.data.metrics:
+            continue
+        if all(run.data.params.get(k) == v for k, v in wanted.items()):
+            return run.info.run_id
     return None
 
 
-def _link_into(folder: Path, files: Sequence[Path]) -> bool:
-    """Hard-link each file into ``folder`` under its own name, replacing what is there.
+def cv_score(run_id: str) -> float:
+    """The out-of-fold score (``cv_score``) logged on cv run ``run_id``.
 
-    A checkpoint is ~170 MB; in a local artifact store on the same file system a link costs no copy and
-    no disk bandwidth that the next epochs' training would compete for. It is safe because training
-    never changes a written file in place: every checkpoint and OOF file is written to a temporary file
-    and renamed onto its name (``io.atomic_path``), which leaves the stored link on the old content.
-    Each link is made beside the source, then renamed into ``folder``: a reader never sees a part file.
-
-    Returns:
-        False where a link cannot be made (another file system, one without hard links); the caller
-        then copies every file, over any linked before the failure.
+    Raises:
+        KeyError: The run has no ``cv_score`` (not finished).
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    for source in files:
-        staged = source.with_name(f".{source.name}.{os.getpid()}.link")
-        try:
-            staged.unlink(missing_ok=True)
-            os.link(source, staged)
-            os.replace(staged, folder / source.name)
-        except OSError:
-            staged.unlink(missing_ok=True)
-            return False
-    return True
+    return MlflowClient().get_run(run_id).data.metrics["cv_score"]

@@ -9,8 +9,8 @@ A pruned trial's run is tagged ``optuna.state=PRUNED`` and ends with status ``KI
 trial whose worker died (found by the heartbeat) is closed by the worker that finds it: status
 ``FAILED``, tags ``optuna.state=FAILED`` and ``optuna.dead_worker`` (the dead worker's ``host:pid``).
 
-Runs are addressed by id through ``MlflowClient`` (as in ``tracking``), never through the fluent API's
-active-run stack.
+Runs are addressed by id through ``MlflowClient`` (as in ``tracking.runs``), never through the fluent
+API's active-run stack; values go in chunked batches (``tracking.batches``).
 """
 
 from __future__ import annotations
@@ -18,18 +18,18 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import pandas as pd
-from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from geopose_mlops.constants import CODE_VERSION_TAG, KIND_STUDY, KIND_TAG, KIND_TRIAL
-from geopose_mlops.tracking.runs import CvTracker, code_version
+from geopose_mlops.tracking import batches
+from geopose_mlops.tracking.experiments import experiment_id
+from geopose_mlops.tracking.runs import code_version
 
 STUDY_NAME_TAG = "optuna.study_name"
 STORAGE_TAG = "optuna.storage"
@@ -49,12 +49,15 @@ class StudyTracker:
 
     def __init__(self, experiment: str) -> None:
         self.client = MlflowClient()
-        self.cv_tracker = CvTracker(experiment)
+        self.experiment_name = experiment
+        self._experiment_id: str | None = None
 
     @property
     def experiment_id(self) -> str:
         """The experiment's id (created on first use)."""
-        return self.cv_tracker.experiment_id
+        if self._experiment_id is None:
+            self._experiment_id = experiment_id(self.experiment_name, create=True)
+        return self._experiment_id
 
     def _study_runs(self, study_name: str) -> list:
         runs = self.client.search_runs(
@@ -110,9 +113,7 @@ class StudyTracker:
     def log_study_params(self, run_id: str, params: dict[str, str]) -> None:
         """Study name, sampler, pruner, search space: params already logged keep their first value."""
         logged = self.client.get_run(run_id).data.params
-        new = [Param(k, str(v)) for k, v in params.items() if k not in logged]
-        if new:
-            self.client.log_batch(run_id, params=new)
+        batches.log_values(self.client, run_id, params={k: v for k, v in params.items() if k not in logged})
 
     def start_trial_run(self, study_run_id: str, trial_number: int, params: dict[str, object]) -> str:
         """Create a trial run nested under the study run, tagged with the Optuna trial number."""
@@ -123,7 +124,7 @@ class StudyTracker:
             CODE_VERSION_TAG: code_version(),
         }
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"trial-{trial_number}")
-        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        batches.log_values(self.client, run.info.run_id, params=params)
         return run.info.run_id
 
     @staticmethod
@@ -133,15 +134,13 @@ class StudyTracker:
 
     def log_trial_epoch(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
         """One epoch's metrics on the trial run (``step`` = epoch, counted across folds for ``cv``)."""
-        self.cv_tracker.log_epoch(run_id, step, metrics)
+        batches.log_epochs(self.client, run_id, [(step, metrics)])
 
     def end_trial(self, run_id: str, state: str, value: float | None = None, step: int | None = None) -> None:
         """Close a trial run: ``COMPLETE`` (with ``trial_value``), ``PRUNED`` (KILLED) or ``FAILED``."""
-        tags = [RunTag(TRIAL_STATE_TAG, state)]
-        if step is not None:
-            tags.append(RunTag(PRUNED_STEP_TAG, str(step)))
-        metrics = [Metric("trial_value", float(value), int(time.time() * 1000), 0)] if value is not None else []
-        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        tags = {TRIAL_STATE_TAG: state, **({PRUNED_STEP_TAG: step} if step is not None else {})}
+        metrics = {"trial_value": value} if value is not None else {}
+        batches.log_values(self.client, run_id, metrics=metrics, tags=tags)
         status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED")
         self.client.set_terminated(run_id, status=status)
 
@@ -176,9 +175,7 @@ class StudyTracker:
             figures: Matplotlib figures by file stem, written under ``plots/``.
             step: Number of finished trials (the x of ``best_value``'s history).
         """
-        now = int(time.time() * 1000)
-        values = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self.client.log_batch(run_id, metrics=values, tags=[RunTag(k, v) for k, v in best_tags.items()])
+        batches.log_values(self.client, run_id, metrics=metrics, step=step, tags=best_tags)
         with tempfile.TemporaryDirectory(prefix="geopose-study-") as tmp:
             folder = Path(tmp) / "study"
             folder.mkdir()

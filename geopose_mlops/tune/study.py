@@ -22,7 +22,7 @@ point every worker at one PostgreSQL database::
 
     geopose-ml tune studies/lr_batch.yaml --storage postgresql://user:password@host:5432/optuna
 
-Every MLflow call lives in ``tracking_tuning``; this module only talks to Optuna.
+Every MLflow call lives in ``tracking/studies.py`` (``StudyTracker``); this module only talks to Optuna.
 """
 
 from __future__ import annotations
