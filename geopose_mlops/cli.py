@@ -131,7 +131,7 @@ def _train_options(command):
             "amp",
             "Mixed precision: bf16 (fp16 on GPUs without it) on CUDA, bf16 on CPUs with bf16 instructions.",
         ),
-        _field_option("--k", "k", "Number of folds.", type=int),
+        _field_option("--k", "k", "Number of folds (default: DATA/folds.csv's, where there is one).", type=int),
         _field_option("--seed", "seed", "Seed of folds, weights, augmentation.", type=int),
         _field_option("--loss", "loss", "Loss.", type=click.Choice(["mse", "r2", "huber_cos"])),
         _field_option("--augment/--no-augment", "augment", "Training augmentation."),
@@ -165,7 +165,9 @@ def _train_options(command):
         click.option(
             "--work-dir",
             type=click.Path(file_okay=False, path_type=Path),
-            help="Keep local checkpoints here (default: a temporary folder, removed after).",
+            help="Keep local checkpoints, metrics and OOF files here (default: under ~/.cache/geopose-mlops/runs "
+            "or $XDG_CACHE_HOME, removed once the tracking store holds them; kept for --resume after a store "
+            "failure).",
         ),
     ]
     for option in reversed(options):
@@ -178,7 +180,15 @@ RUN_OPTIONS = ("experiment", "resume", "cache_dir", "parent_run_id", "work_dir")
 
 
 def _train_config(folds: str, options: dict):
-    """The TrainConfig of the train options; pops its options, leaving experiment, resume, cache_dir, ..."""
+    """The TrainConfig of the train options; pops its options, leaving experiment, resume, cache_dir, ...
+
+    Raises:
+        ConfigError: ``--data-dir`` is not a folder (before anything else is read or created), or an
+            option is out of range.
+    """
+    from geopose_mlops.train.data import check_data_dir
+
+    check_data_dir(options["data_dir"])
     try:
         fold_list = None if folds.strip() == "all" else tuple(int(f) for f in folds.split(","))
     except ValueError as err:
@@ -195,11 +205,23 @@ def _train_config(folds: str, options: dict):
     return config
 
 
+def _with_folds_file_k(config: TrainConfig) -> TrainConfig:
+    """``config`` with ``k`` taken from ``DATA/folds.csv`` when ``--k`` was left at its default."""
+    from geopose_mlops.train.data import folds_file_k
+
+    if click.get_current_context().get_parameter_source("k") is not ParameterSource.DEFAULT:
+        return config  # given: the folds file must agree (train.data.folds_table_for)
+    file_k = folds_file_k(config.data_dir)
+    return config if file_k is None else dataclasses.replace(config, k=file_k)
+
+
 def _run_training(folds: str, options: dict) -> None:
     from geopose_mlops.train.cv import run_cross_validation
 
     config = _train_config(folds, options)
     experiment, resume, cache_dir = options.pop("experiment"), options.pop("resume"), options.pop("cache_dir")
+    if not resume:
+        config = _with_folds_file_k(config)
     with _sigterm_as_interrupt():
         result = run_cross_validation(
             config, experiment, resume or None, cache_root=cache_dir, work_dir=options["work_dir"]
@@ -371,7 +393,7 @@ def cv_start(folds: str, **options) -> None:
     """Create a shared cv run and print its id; workers then run `train --parent-run-id ID --folds F`."""
     from geopose_mlops.train.shared_cv import start_shared_cv
 
-    config = _train_config(folds, options)
+    config = _with_folds_file_k(_train_config(folds, options))
     run_id = start_shared_cv(config, options["experiment"], options["cache_dir"])
     click.echo(run_id)
 

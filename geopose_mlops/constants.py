@@ -46,6 +46,7 @@ CHAMPION_ALIAS = "champion"
 FOLD_TAG = "geopose.fold"  # the fold number of a fold run
 CODE_VERSION_TAG = "geopose.code_version"  # package version + digest of its sources (tracking.runs.code_version)
 FINGERPRINT_PARAM = "data_fingerprint"  # cv run param: digest of the training data (members must share it)
+FOLDS_FILE_TAG = "geopose.folds_file"  # cv run: the folds.csv its folds came from, or "seeded k=K seed=S"
 
 # --- Artifact layout of a run and of a packaged ensemble (SPEC §4). ---
 CHECKPOINT_DIR = "checkpoints"  # fold run: best.pt, last.pt; packaged ensemble: <member>/fold<N>.pt

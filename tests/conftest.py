@@ -1,4 +1,4 @@
-"""Shared fixtures: a private tracking store for every test, and one tiny synthetic data set per session.
+"""Shared fixtures: a private tracking store and user cache for every test, one tiny synthetic data set per session.
 
 The data set follows torchgeo's fixtures (SIZE small, seed 0). The tracking store follows MLflow's own
 test suite, whose autouse fixture points every test at a fresh store: here a SQLite file in the test's
@@ -33,6 +33,18 @@ def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[st
     mlflow.set_tracking_uri(uri)
     yield uri
     mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture(autouse=True)
+def user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This test's own user cache (``XDG_CACHE_HOME``): where runs keep their local records without --work-dir.
+
+    What a test leaves there (a run stopped by a store failure keeps its unsent records) stays in its
+    ``tmp_path``, not in the home directory.
+    """
+    cache = tmp_path / "user-cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    return cache
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ that fitting an ensemble (``tracking.ensembles``) reads OOF folders the way trai
 from __future__ import annotations
 
 import os
-import tempfile
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
@@ -56,14 +55,15 @@ def link_into(folder: Path, files: Sequence[Path]) -> bool:
     return True
 
 
-def download_artifact(client: MlflowClient, run_id: str, name: str) -> Path:
-    """Download one artifact of a run (e.g. ``config.json``, ``folds.csv``) to a new temporary folder.
+def download_artifact(client: MlflowClient, run_id: str, name: str, dest: Path) -> Path:
+    """Download one artifact of a run (e.g. ``config.json``, ``folds.csv``) into folder ``dest``; the local file.
 
     Raises:
         ConfigError: The run has no such artifact.
     """
     try:
-        return Path(client.download_artifacts(run_id, name, tempfile.mkdtemp(prefix="geopose-")))
+        dest.mkdir(parents=True, exist_ok=True)
+        return Path(client.download_artifacts(run_id, name, str(dest)))
     except (MlflowException, OSError) as err:
         raise ConfigError(f"run {run_id} has no artifact {name!r} ({err})") from err
 

@@ -290,13 +290,13 @@ class CvTracker:
             save_json_config(config, path)
             self.client.log_artifact(cv_run_id, str(path))
 
-    def download_artifact(self, run_id: str, name: str) -> Path:
-        """Download one artifact of a run (e.g. ``config.json``, ``folds.csv``) to a temporary folder.
+    def download_artifact(self, run_id: str, name: str, dest: Path) -> Path:
+        """Download one artifact of a run (e.g. ``config.json``, ``folds.csv``) into folder ``dest``.
 
         Raises:
             ConfigError: The run has no such artifact.
         """
-        return artifacts.download_artifact(self.client, run_id, name)
+        return artifacts.download_artifact(self.client, run_id, name, dest)
 
     # --- artifacts ----------------------------------------------------------------------------------
 

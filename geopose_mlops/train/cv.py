@@ -19,11 +19,12 @@ import pandas as pd
 import torch
 
 from geopose_mlops.config import TrainConfig, load_json_config
-from geopose_mlops.constants import CONFIG_JSON, DEFAULT_EXPERIMENT, FOLDS_CSV
+from geopose_mlops.constants import CONFIG_JSON, DEFAULT_EXPERIMENT, FOLDS_CSV, FOLDS_FILE_TAG
 from geopose_mlops.errors import ConfigError
 from geopose_mlops.train import distributed
-from geopose_mlops.train.data import PreparedData, prepare_data
+from geopose_mlops.train.data import PreparedData, check_data_dir, prepare_data
 from geopose_mlops.train.fold import EpochCallback, FoldRequest, FoldResult, train_fold
+from geopose_mlops.train.local_copy import LocalFolder, local_folder
 from geopose_mlops.train.oof import score_oof_folders
 from geopose_mlops.train.recorder import EpochUploads as EpochUploads  # re-exported: tests/test_tracking.py
 from geopose_mlops.train.recorder import RunOutcome
@@ -83,7 +84,9 @@ def run_cross_validation(
         on_epoch_end: ``(fold, epoch, metrics) -> None`` after each epoch; raising stops the run (the
             fold run is marked KILLED, the cv run FAILED) and the exception propagates.
         cache_root: Preprocessing cache folder (None: ``DATA/.geopose_cache``).
-        work_dir: Local folder for checkpoints and OOF files (None: a temporary folder, removed after).
+        work_dir: Local folder for checkpoints and OOF files, kept (None: a folder under the user cache,
+            removed once the store holds everything in it; kept after a store failure for the resume:
+            ``train/local_copy.py``).
         device: Where to train (None: CUDA if available, else CPU).
         progress: Show progress bars.
 
@@ -97,8 +100,9 @@ def run_cross_validation(
     from geopose_mlops.tracking.runs import CvTracker
     from geopose_mlops.tracking.store import check_tracking_store
 
-    if not resume_run_id:
-        validate_model_config(config.model)  # an unknown encoder fails before any run exists
+    if not resume_run_id:  # bad arguments fail before any run exists
+        check_data_dir(config.data_dir)
+        validate_model_config(config.model)
     context = distributed.init_distributed(str(device) if device is not None else None)
     try:
         if context.is_main:
@@ -118,32 +122,42 @@ def _run_cross_validation(request: CvRequest, tracker: Tracker, context: distrib
 
     tracker = distributed.main_rank_tracker(tracker, context)
     config, data, cv_run_id, existing = _open_cv_run(request, tracker, context)
-    with tempfile.TemporaryDirectory(prefix="geopose-cv-") as tmp:
-        root = Path(request.work_dir) if request.work_dir is not None else Path(tmp)
-        try:
-            folds = run_folds(
-                tracker, context, config=config, data=data, folds=config.fold_list(), cv_run_id=cv_run_id,
-                root=root, existing=existing, on_epoch_end=request.on_epoch_end, progress=request.progress,
-            )  # fmt: skip
-            result = score_cv(tracker, cv_run_id, folds, Path(tmp) / "oof") if context.is_main else None
-            result = distributed.broadcast_from_main(result, context)
-        except BaseException as err:
-            if is_store_error(err):  # the store is down: closing the run would fail (after retries) too
-                kept = (
-                    f"local checkpoints are in {root / cv_run_id}"
-                    if request.work_dir is not None
-                    else ("no local copy was kept (use --work-dir)")
-                )
-                raise store_error(
-                    err,
-                    f"cv run {cv_run_id} is left open; {kept}. Once the store is back: "
-                    f"geopose-ml train --data-dir {config.data_dir} --resume {cv_run_id}",
-                ) from err
-            outcome = RunOutcome.KILLED if isinstance(err, KeyboardInterrupt) else RunOutcome.FAILED
-            tracker.end_run(cv_run_id, outcome.value)
-            raise
+    local = local_folder(request.work_dir)
+    try:
+        folds = run_folds(
+            tracker, context, config=config, data=data, folds=config.fold_list(), cv_run_id=cv_run_id,
+            local=local, existing=existing, on_epoch_end=request.on_epoch_end, progress=request.progress,
+        )  # fmt: skip
+        result = None
+        if context.is_main:
+            with tempfile.TemporaryDirectory(prefix="geopose-cv-") as tmp:
+                result = score_cv(tracker, cv_run_id, folds, Path(tmp))
+        result = distributed.broadcast_from_main(result, context)
+    except BaseException as err:
+        if is_store_error(err):  # the store is down: closing the run would fail (after retries) too
+            raise store_error(err, _left_open_message(request, config, cv_run_id, local)) from err
+        outcome = RunOutcome.KILLED if isinstance(err, KeyboardInterrupt) else RunOutcome.FAILED
+        tracker.end_run(cv_run_id, outcome.value)
+        raise
     tracker.end_run(cv_run_id, RunOutcome.FINISHED.value)
     return result
+
+
+def _left_open_message(request: CvRequest, config: TrainConfig, cv_run_id: str, local: LocalFolder) -> str:
+    """What a store failure left: the open run, the folder of what the store lacks, and the resume command."""
+    unsent = local.unsent_folds(cv_run_id)
+    kept = (
+        f"the checkpoints, metrics and OOF files the store lacks ({', '.join(unsent)}) are kept in "
+        f"{local.root / cv_run_id}"
+        if unsent
+        else "the store holds every fold's records"
+    )
+    command = f"geopose-ml train --data-dir {config.data_dir} --resume {cv_run_id}"
+    if request.work_dir is not None:
+        command += f" --work-dir {request.work_dir}"
+    if request.cache_root is not None:
+        command += f" --cache-dir {request.cache_root}"
+    return f"cv run {cv_run_id} is left open; {kept}. Once the store is back: {command}"
 
 
 def _open_cv_run(
@@ -151,8 +165,11 @@ def _open_cv_run(
 ) -> tuple[TrainConfig, PreparedData, str, dict[int, Any]]:
     """``(config, data, cv run id, fold runs by fold)``: a new or adopted cv run, or the one resumed.
 
+    A new run is tagged with where its folds came from (``FOLDS_FILE_TAG``: the ``folds.csv`` used, or
+    ``seeded k=K seed=S``).
+
     Raises:
-        ConfigError: A selected fold has no images in the folds table.
+        ConfigError: A selected fold has no images in the folds table, or ``DATA/folds.csv`` disagrees.
     """
     config, folds_table, existing, run_id = request.config, None, {}, request.run_id
     if request.resume_run_id:
@@ -171,7 +188,8 @@ def _open_cv_run(
     missing = sorted(set(config.fold_list()) - set(data.folds_table["fold"]))
     if missing:
         raise ConfigError(f"folds {missing} have no images in the folds table (k={config.k})")
-    cv_run_id = tracker.start_cv_run(config, data.cache.fingerprint, request.parent_run_id, run_id, request.tags)
+    tags = request.tags if request.resume_run_id else {**(request.tags or {}), FOLDS_FILE_TAG: data.folds_source}
+    cv_run_id = tracker.start_cv_run(config, data.cache.fingerprint, request.parent_run_id, run_id, tags)
     cv_run_id = distributed.broadcast_from_main(cv_run_id, context)
     if not request.resume_run_id:
         tracker.log_config(cv_run_id, config)
@@ -187,8 +205,9 @@ def load_cv_run(tracker: Tracker, run_id: str) -> tuple[TrainConfig, pd.DataFram
     Raises:
         ConfigError: The run lacks one of them.
     """
-    config = load_json_config(TrainConfig, tracker.download_artifact(run_id, CONFIG_JSON))
-    folds_table = pd.read_csv(tracker.download_artifact(run_id, FOLDS_CSV))
+    with tempfile.TemporaryDirectory(prefix="geopose-run-") as tmp:
+        config = load_json_config(TrainConfig, tracker.download_artifact(run_id, CONFIG_JSON, Path(tmp)))
+        folds_table = pd.read_csv(tracker.download_artifact(run_id, FOLDS_CSV, Path(tmp)))
     return config, folds_table
 
 
@@ -206,12 +225,15 @@ def run_folds(
     data: PreparedData,
     folds: Sequence[int],
     cv_run_id: str,
-    root: Path,
+    local: LocalFolder,
     existing: Mapping[int, Any],
     on_epoch_end: EpochCallback | None = None,
     progress: bool = True,
 ) -> dict[int, FoldResult]:
     """Train ``folds`` of a cv run one after another: a FINISHED fold run is kept, any other resumed.
+
+    After each fold, finished or not, its local folder is removed when it is the package's own and holds
+    nothing the store lacks (``train/local_copy.py``); after a store failure it is kept for the resume.
 
     Args:
         tracker: The cv run's tracker.
@@ -220,7 +242,7 @@ def run_folds(
         data: Cache and folds.
         folds: The folds to train, in order.
         cv_run_id: The cv run.
-        root: Local folder; fold ``F``'s files go in ``root/<cv_run_id>/fold_F``.
+        local: Where fold ``F``'s files go (``LocalFolder.fold_dir``), and whether they are removed.
         existing: The cv run's fold runs by fold (``Tracker.fold_runs``): FINISHED ones are kept, the
             others continue from their ``last.pt``; folds with none start a new run.
         on_epoch_end: ``(fold, epoch, metrics) -> None`` after each epoch; raising stops the run.
@@ -236,10 +258,13 @@ def run_folds(
             results[fold] = finished_fold(run)
             continue
         request = FoldRequest(
-            config=config, data=data, fold=fold, cv_run_id=cv_run_id, work_dir=root / cv_run_id / f"fold_{fold}",
+            config=config, data=data, fold=fold, cv_run_id=cv_run_id, work_dir=local.fold_dir(cv_run_id, fold),
             fold_run_id=run.info.run_id if run is not None else None, on_epoch_end=on_epoch_end, progress=progress,
         )  # fmt: skip
-        results[fold] = train_fold(request, tracker, context)
+        try:
+            results[fold] = train_fold(request, tracker, context)
+        finally:
+            local.remove_if_stored(cv_run_id, fold)
     return results
 
 

@@ -4,10 +4,11 @@
 run (new, or resumed from ``last.pt``), build the loaders, run the epochs, close. Per epoch, in this
 order: train, validate, write ``best.pt`` and ``oof/`` (when the score improved) and ``last.pt`` locally,
 hand them to the :class:`~geopose_mlops.train.recorder.FoldRecorder` (which stores them in the
-background), call ``on_epoch_end``. A run killed at any point resumes from the stored ``last.pt`` with no
-epoch missing from the log or logged twice: the store never holds a ``last.pt`` newer than its metrics,
-epochs after it are trained again without being logged again, and the checkpoint carries its own
-epoch's metrics (for runs stored by earlier versions, which uploaded the files first).
+background), call ``on_epoch_end``. A run killed at any point resumes from the newer of the stored and the
+local ``last.pt`` (``train/local_copy.py``) with no epoch missing from the log or logged twice: the epochs
+and files kept locally that the store lacks are stored first, the store never holds a ``last.pt`` newer
+than its metrics, epochs after it are trained again without being logged again, and the checkpoint
+carries its own epoch's metrics (for runs stored by earlier versions, which uploaded the files first).
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from tqdm import tqdm
 from geopose_mlops.config import TrainConfig
 from geopose_mlops.constants import BEST_NAME, LAST_NAME
 from geopose_mlops.data.dataset import GeoposeDataset
-from geopose_mlops.errors import ConfigError, DataError, GeoposeError
+from geopose_mlops.errors import ConfigError, GeoposeError
 from geopose_mlops.train import distributed, loop
-from geopose_mlops.train.checkpoint import load_checkpoint, save_checkpoint
+from geopose_mlops.train.checkpoint import save_checkpoint
 from geopose_mlops.train.data import PreparedData
+from geopose_mlops.train.local_copy import kept_records, send_kept_records
 from geopose_mlops.train.oof import OofPredictions
 from geopose_mlops.train.recorder import FoldRecorder
 from geopose_mlops.train.tracker import Tracker
@@ -202,8 +204,8 @@ def _open_fold_run(
     Then ``parts.train_model`` is wrapped for DDP (which broadcasts rank 0's weights).
     """
     resuming = request.fold_run_id is not None
-    state = _resume_state(tracker, request.fold_run_id, request.work_dir) if resuming and context.is_main else None
-    state = distributed.broadcast_from_main(state, context)
+    kept = kept_records(tracker, request.fold_run_id, request.work_dir) if resuming and context.is_main else None
+    state = distributed.broadcast_from_main(kept.state if kept is not None else None, context)
     if request.fold_run_id is None:
         fingerprint, precision = request.data.cache.fingerprint, parts.precision.name
         run_id = tracker.start_fold_run(request.cv_run_id, request.fold, request.config, fingerprint, precision)
@@ -211,43 +213,20 @@ def _open_fold_run(
     else:
         progress = FoldProgress(request.fold_run_id)
         tracker.reopen(progress.run_id)
+    if kept is not None:  # the epochs and files kept locally that the store lacks (it failed mid-run)
+        send_kept_records(tracker, progress.run_id, kept, request.work_dir)
     if state is not None:
         parts.model.load_state_dict(state["model"])
         parts.optimizer.load_state_dict(state["optimizer"])
         parts.precision.scaler.load_state_dict(state["scaler"])
         progress.start_epoch, progress.best_score = state["epoch"] + 1, state["best_score"]
         progress.best_epoch = state["best_epoch"]
-        if context.is_main and state["epoch"] not in tracker.logged_epochs(progress.run_id):
-            tracker.log_epoch(progress.run_id, state["epoch"], state["metrics"])
     parts.train_model = distributed.wrap_model(parts.model, context)
     # On resume from an older last.pt, epochs after it were logged by the interrupted run: they are
     # trained again (same seeds) but not logged twice.
     if resuming and context.is_main:
         progress.logged = set(tracker.logged_epochs(progress.run_id))
     return progress
-
-
-def _resume_state(tracker: Tracker, run_id: str, local_dir: Path) -> dict | None:
-    """The last checkpoint of a fold run: its artifact, else the local copy; None if neither exists.
-
-    A process killed while it copied ``last.pt`` into a local artifact store can leave that copy cut
-    short; the local checkpoint (written atomically) is then used instead.
-
-    Raises:
-        DataError: Checkpoints exist but none can be read (each is named).
-    """
-    candidates = [tracker.download_checkpoint(run_id, LAST_NAME, local_dir / "download"), local_dir / LAST_NAME]
-    errors = []
-    for path in candidates:
-        if path is None or not Path(path).is_file():
-            continue
-        try:
-            return load_checkpoint(path)
-        except DataError as err:
-            errors.append(str(err))
-    if errors:
-        raise DataError(local_dir, f"fold run {run_id}: no readable last checkpoint ({'; '.join(errors)})")
-    return None
 
 
 def _build_loaders(

@@ -5,12 +5,18 @@ In a background thread while the next epoch trains, the epochs' metrics are logg
 always when the fold ends or stops. The store never holds a ``last.pt`` newer than its metrics, so a run
 killed at any point resumes from the stored ``last.pt`` with no epoch missing from the log or logged
 twice (``train/fold.py``).
+
+Each epoch's metrics are also appended to ``unsent_epochs.jsonl`` in the fold's local folder (beside its
+``last.pt``) before they are handed over, and that log is removed once the store holds everything the
+recorder was handed: a folder with the log may hold records the store lacks, and a resume stores them
+(``train/local_copy.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,6 +26,45 @@ from types import TracebackType
 
 from geopose_mlops.config import TrainConfig
 from geopose_mlops.train.tracker import Tracker
+
+UNSENT_EPOCHS = "unsent_epochs.jsonl"  # one {"epoch", "metrics"} line per epoch handed to the store
+
+
+def append_epoch(folder: Path, epoch: int, metrics: dict[str, float]) -> None:
+    """Add one epoch's metrics to the folder's ``unsent_epochs.jsonl`` (created with the folder if missing)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"epoch": int(epoch), "metrics": {k: float(v) for k, v in metrics.items()}})
+    with (folder / UNSENT_EPOCHS).open("a") as handle:
+        handle.write(line + "\n")
+
+
+def read_unsent_epochs(folder: Path) -> dict[int, dict[str, float]]:
+    """The metrics in the folder's ``unsent_epochs.jsonl`` by epoch (empty without the file).
+
+    A process killed while it appended leaves at most its last line cut short: such a line is skipped
+    (that epoch's metrics are also in its ``last.pt``, or it is trained again).
+    """
+    path = folder / UNSENT_EPOCHS
+    if not path.is_file():
+        return {}
+    epochs = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            epochs[int(record["epoch"])] = {str(k): float(v) for k, v in record["metrics"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return epochs
+
+
+def holds_unsent(folder: Path) -> bool:
+    """True when the folder may hold records the store lacks (its ``unsent_epochs.jsonl`` exists)."""
+    return (folder / UNSENT_EPOCHS).is_file()
+
+
+def mark_stored(folder: Path) -> None:
+    """Record that the store holds everything in the folder (its ``unsent_epochs.jsonl`` is removed)."""
+    (folder / UNSENT_EPOCHS).unlink(missing_ok=True)
 
 
 class RunOutcome(enum.Enum):
@@ -130,6 +175,7 @@ class FoldRecorder:
         self._uploads = EpochUploads()
         self._unsent = UnsentFiles()
         self._unlogged: list[tuple[int, dict]] = []  # (epoch, metrics) not yet handed to the store
+        self._local_dir: Path | None = None  # the fold's local folder, once an epoch was recorded
         self._last_upload = self._last_metrics = time.monotonic()
 
     def __enter__(self) -> FoldRecorder:
@@ -159,6 +205,8 @@ class FoldRecorder:
     ) -> None:
         """Hand one epoch's metrics and its newly written files to the store, when they are due.
 
+        The metrics are also appended to ``unsent_epochs.jsonl`` beside ``last`` (the fold's local folder).
+
         Args:
             epoch: The finished epoch, 0-based.
             metrics: Its metrics.
@@ -171,6 +219,8 @@ class FoldRecorder:
             self._unsent.best, self._unsent.oof = best, oof
         if epoch not in self._logged:
             self._unlogged.append((epoch, metrics))
+        self._local_dir = last.parent
+        append_epoch(self._local_dir, epoch, metrics)  # kept until the store holds it
         # Checkpoints are large (a ResNet U-Net with AdamW state: ~170 MB): upload them every
         # checkpoint_interval_s and after the last epoch, not after every short epoch. Metrics go at
         # most every metrics_interval_s, and always with the checkpoints.
@@ -197,13 +247,19 @@ class FoldRecorder:
         self.outcome = RunOutcome.FINISHED
 
     def close(self) -> None:
-        """Store what is pending if the fold stopped early, stop the upload thread and end the run."""
+        """Store what is pending if the fold stopped early, stop the upload thread and end the run.
+
+        Once everything handed over is stored, the local folder's ``unsent_epochs.jsonl`` is removed.
+        A failed upload (or a signal while waiting for one) leaves it: the local folder is then kept.
+        """
         try:
             stopped = self.outcome not in (RunOutcome.FINISHED, RunOutcome.LEFT_OPEN)
             if stopped and (self._unlogged or self._unsent.last is not None):
                 # stopped early (error, signal, pruning): keep the epochs and the last good checkpoint
                 self._uploads.submit(store_records, self._tracker, self._run_id, self._unlogged, self._unsent.take())
             self._uploads.close()
+            if self.outcome is not RunOutcome.LEFT_OPEN and self._local_dir is not None:
+                mark_stored(self._local_dir)
         finally:
             if self.outcome is not RunOutcome.LEFT_OPEN:
                 self._tracker.end_run(self._run_id, self.outcome.value)

@@ -26,12 +26,13 @@ from pathlib import Path
 import pandas as pd
 
 from geopose_mlops.config import ModelConfig, TrainConfig
-from geopose_mlops.constants import DEFAULT_EXPERIMENT
+from geopose_mlops.constants import DEFAULT_EXPERIMENT, FOLDS_FILE_TAG
 from geopose_mlops.errors import ConfigError, DataError, GeoposeError
 from geopose_mlops.train.cv import CvResult, finished_fold, load_cv_run, run_folds, score_cv
-from geopose_mlops.train.data import prepare_data
+from geopose_mlops.train.data import check_data_dir, prepare_data
 from geopose_mlops.train.distributed import DistributedContext
 from geopose_mlops.train.fold import FoldResult, default_device
+from geopose_mlops.train.local_copy import local_folder
 from geopose_mlops.train.recorder import RunOutcome
 from geopose_mlops.train.tracker import Tracker
 
@@ -63,9 +64,11 @@ def start_shared_cv(
     """
     from geopose_mlops.tracking.runs import CvTracker
 
+    check_data_dir(config.data_dir)
     tracker = CvTracker(experiment)
     data = prepare_data(config, cache_root)
-    run_id = tracker.start_cv_run(config, data.cache.fingerprint, tags={SHARED_TAG: "true"})
+    tags = {SHARED_TAG: "true", FOLDS_FILE_TAG: data.folds_source}
+    run_id = tracker.start_cv_run(config, data.cache.fingerprint, tags=tags)
     tracker.log_config(run_id, config)
     tracker.log_data(run_id, data.folds_table, config.data_dir, data.cache.fingerprint)
     return run_id
@@ -128,7 +131,8 @@ def run_fold_worker(
         folds: The folds this worker trains.
         data_dir: This machine's copy of the data set (None: the path stored in the run's config).
         cache_root: Preprocessing cache folder (None: ``DATA/.geopose_cache``).
-        work_dir: Local folder for checkpoints and OOF files (None: a temporary folder).
+        work_dir: Local folder for checkpoints and OOF files, kept (None: a folder under the user cache,
+            removed once the store holds everything in it: ``train/local_copy.py``).
         device: ``cuda``/``cpu`` (None: CUDA if available).
         progress: Show progress bars.
         options: Training options given to this worker (see :func:`worker_config`): local ones are
@@ -143,6 +147,8 @@ def run_fold_worker(
 
     from geopose_mlops.tracking.runs import CvTracker
 
+    if data_dir is not None:
+        check_data_dir(data_dir)
     tracker = CvTracker()
     config, folds_table = _load_shared(tracker, cv_run_id)
     config = worker_config(config, cv_run_id, options or {})
@@ -163,12 +169,10 @@ def run_fold_worker(
     if absent:
         raise DataError(config.data_dir, f"{len(absent)} image(s) of cv run {cv_run_id} not found here: {absent[:5]}")
     context = DistributedContext(device=torch.device(device) if device else default_device())
-    with tempfile.TemporaryDirectory(prefix="geopose-fold-") as tmp:
-        root = Path(work_dir) if work_dir is not None else Path(tmp)
-        trained = run_folds(
-            tracker, context, config=config, data=data, folds=folds, cv_run_id=cv_run_id, root=root,
-            existing=existing, progress=progress,
-        )  # fmt: skip
+    trained = run_folds(
+        tracker, context, config=config, data=data, folds=folds, cv_run_id=cv_run_id, local=local_folder(work_dir),
+        existing=existing, progress=progress,
+    )  # fmt: skip
     return WorkerResult(cv_run_id, trained, finalize_cv(cv_run_id, require_complete=False))
 
 

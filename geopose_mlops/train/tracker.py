@@ -87,8 +87,8 @@ class Tracker(Protocol):
         """``config.json``: the TrainConfig that rebuilds this cross-validation."""
         ...
 
-    def download_artifact(self, run_id: str, name: str) -> Path:
-        """Download one artifact of a run (``config.json``, ``folds.csv``); the local file."""
+    def download_artifact(self, run_id: str, name: str, dest: Path) -> Path:
+        """Download one artifact of a run (``config.json``, ``folds.csv``) into folder ``dest``; the local file."""
         ...
 
     def log_checkpoint(self, run_id: str, path: Path) -> None:
@@ -172,7 +172,7 @@ class NullTracker:
     def log_config(self, cv_run_id: str, config: TrainConfig) -> None:
         """Nothing."""
 
-    def download_artifact(self, run_id: str, name: str) -> Path:
+    def download_artifact(self, run_id: str, name: str, dest: Path | None = None) -> Path:
         """Raises: this rank reads no store (rank 0 broadcasts the run's files' contents)."""
         raise RuntimeError(f"artifact {name!r} of run {run_id}: only rank 0 reads the tracking store")
 
