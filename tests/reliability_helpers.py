@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import sqlite3
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +72,30 @@ def cli_env(tracking_uri: str, **extra: str) -> dict[str, str]:
 def cli_command(*args: str) -> list[str]:
     """``python -m geopose_mlops.cli ARGS`` with this interpreter."""
     return [sys.executable, "-m", "geopose_mlops.cli", *args]
+
+
+def count_metric(db: Path, key: str) -> int:
+    try:
+        with sqlite3.connect(db, timeout=5) as connection:
+            return connection.execute("select count(*) from metrics where key = ?", (key,)).fetchone()[0]
+    except sqlite3.OperationalError:  # the store or its tables are not created yet
+        return 0
+
+
+def signal_after_first_epoch(command: list[str], env: dict, db: Path, sig: int, key: str = "val_score") -> int:
+    """Run ``command``, send ``sig`` once the first ``key`` metric is in the store; its exit code."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    try:
+        while count_metric(db, key) == 0:
+            assert process.poll() is None, f"ended before its first epoch: {process.communicate()[1][-2000:]}"
+            assert time.monotonic() < deadline, "no epoch within 120 s"
+            time.sleep(0.1)
+        process.send_signal(sig)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    if sig == signal.SIGTERM:
+        assert "interrupted" in stderr.splitlines()[-1], stderr[-2000:]
+    return process.returncode

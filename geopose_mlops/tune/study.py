@@ -323,7 +323,8 @@ def run_study(
 
     Args:
         config: The study.
-        n_trials: Trials this invocation runs (None: ``config.n_trials``); other workers add theirs.
+        n_trials: Trials this invocation runs (None: ``config.n_trials``; 0: none, only reap dead trials
+            and summarize); other workers add theirs.
         timeout: Start no new trial after this many seconds (None: no limit).
         storage: Storage URL overriding the study file's (e.g. ``postgresql://user:pw@host/db``).
         **train_kwargs: Passed to ``run_cross_validation`` (``cache_root``, ``device``, ``progress``).
@@ -351,13 +352,30 @@ def run_study(
     study.set_user_attr("mlflow_run_id", study_run_id)
     tracker.log_study_params(study_run_id, study_params(config))
     objective = make_objective(config, tracker, study_run_id, **train_kwargs)
+    reap_dead_trials(study)  # before this worker runs anything: a retry of a dead trial is queued first
     try:
-        # A diverging trial (non-finite loss) fails on its own; the study goes on.
-        study.optimize(objective, n_trials=n_trials or config.n_trials, timeout=timeout, catch=(GeoposeError,))
+        trials = config.n_trials if n_trials is None else n_trials
+        if trials:  # 0: no new trial, only the reaping and the summary
+            # A diverging trial (non-finite loss) fails on its own; the study goes on.
+            study.optimize(objective, n_trials=trials, timeout=timeout, catch=(GeoposeError,))
     finally:
+        reap_dead_trials(study)  # a worker that died while this one ran leaves nothing RUNNING behind
         summarize_study(study, tracker, study_run_id)
         tracker.end_study_run(study_run_id)
     return study
+
+
+def reap_dead_trials(study: optuna.Study) -> None:
+    """Fail every trial whose worker stopped sending heartbeats ``grace_period`` seconds ago.
+
+    Optuna itself checks only when a worker starts a trial, so a study whose last worker died (or that
+    has no trial left to run) would keep the dead trial, and its MLflow run, RUNNING forever. Each
+    trial failed here goes through the storage's stale-trial callback: its MLflow run is closed as
+    FAILED (tagged with the dead worker) and its point is queued again (``max_retry``).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
 
 def describe_study(study: optuna.Study) -> str:
