@@ -144,6 +144,8 @@ def prepare_data(
         problems += [
             (Path(config.data_dir), f"sample {m} of the run's folds.csv is bad or gone") for m in sorted(missing)
         ]
+    if folds_table is None and (Path(config.data_dir) / FOLDS_CSV).is_file():
+        folds_table_for(samples, config.data_dir, config.k, config.seed)  # one that disagrees fails before the cache
     try:
         cache = build_cache(samples, cache_root, config.image_size) if samples else None
     except BadFilesError as err:
