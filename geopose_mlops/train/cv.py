@@ -264,7 +264,8 @@ def run_folds(
         try:
             results[fold] = train_fold(request, tracker, context)
         finally:
-            local.remove_if_stored(cv_run_id, fold)
+            if context.is_main:  # the one rank that writes the files (and may still be storing them)
+                local.remove_if_stored(cv_run_id, fold)
     return results
 
 
