@@ -58,7 +58,7 @@ def make_oof_folders(root: Path, members: int, images: int, size: int, seed: int
             agl_pred=pred.astype(np.float16),
             agl_true=truth.astype(np.float16),
         )
-        folders.append(oof.save(root / f"member_{member}" / "oof"))
+        folders.append(oof.save(root / f"member_{member}" / "oof", with_truth=True))  # self-contained folders
     return folders
 
 

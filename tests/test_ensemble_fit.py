@@ -20,6 +20,7 @@ from geopose_mlops.ensemble.stats import (
 from geopose_mlops.ensemble.weights import caruana_weights, fit_angle_weights, fit_scale_weights
 from geopose_mlops.metrics import GeoposeMetric
 from geopose_mlops.train.oof import OofPredictions
+from geopose_mlops.train.truth import TRUTH_DIR, TruthSet
 
 SIZE = 32
 
@@ -37,8 +38,12 @@ def write_members(
     scale_gain=None,
     fold_height_gain=None,
     member_scale_gain=None,
+    own_truth=False,
 ):
     """Members = truth + planted noise; one OOF folder per member and fold (``OofPredictions.save``).
+
+    The truth goes into one truth set, ``root/truth`` (as a data run holds it), or with ``own_truth``
+    into every folder's ``agl_true.npy`` (as earlier versions stored it).
 
     Heights get N(0, sigma^2) m noise; scales are multiplied by 1 + N(0, tau^2); angles get N(0, kappa^2) rad;
     ``height_gain``/``scale_gain`` multiply every member's heights/scales per city (a shared bias);
@@ -56,6 +61,8 @@ def write_members(
     height_bias = np.array([(height_gain or {}).get(c, 1.0) for c in cities])
     height_bias *= np.array([(fold_height_gain or {}).get((c, f), 1.0) for c, f in zip(cities, folds, strict=True)])
     scale_bias = np.array([(scale_gain or {}).get(c, 1.0) for c in cities])
+    if not own_truth:
+        TruthSet(source=root, ids=ids, agl=agl.astype(np.float16)).save(root / TRUTH_DIR)
     members = []
     for m, sigma in enumerate(height_sigmas):
         pred = (np.nan_to_num(agl) + rng.normal(0, sigma, agl.shape)) * height_bias[:, None, None]
@@ -75,14 +82,25 @@ def write_members(
                 angle_pred=angle_pred[rows],
                 agl_pred=pred[rows].astype(np.float16),
                 agl_true=agl[rows].astype(np.float16),
-            ).save(root / f"m{m}" / f"fold{fold}")
+            ).save(root / f"m{m}" / f"fold{fold}", with_truth=own_truth)
         members.append(MemberOof(name=f"member{m}", folds=folders))
     return members
 
 
+def truth_of(members):
+    """The truth set ``write_members`` wrote beside the members' folders (None: each folder holds its own)."""
+    folder = next(iter(members[0].folds.values())).parents[1] / TRUTH_DIR
+    return TruthSet.open(folder) if folder.is_dir() else None
+
+
+def read_table(members):
+    """``read_image_table`` with the members' truth set."""
+    return read_image_table(members, truth_of(members))
+
+
 def test_statistics_give_the_metric_of_the_combined_predictions_exactly(tmp_path) -> None:
     members = write_members(tmp_path, [1.0, 3.0], scale_taus=[0.1, 0.2], angle_kappas=[0.2, 0.4])
-    table = read_image_table(members)
+    table = read_table(members)
     w, v, u = np.array([0.3, 0.7]), np.array([0.6, 0.4]), np.array([0.2, 0.8])
     scale, angle = table.scale_pred @ v, circular_mean(table.angle_pred, u)
     stats = accumulate_statistics(table, {"mix": (scale, angle)})
@@ -90,7 +108,9 @@ def test_statistics_give_the_metric_of_the_combined_predictions_exactly(tmp_path
     ours = ensemble_score(stats, "mix", w, factors)
 
     metric = GeoposeMetric()
-    loaded = [[OofPredictions.load(folder) for _, folder in sorted(m.folds.items())] for m in members]
+    loaded = [
+        [OofPredictions.load(folder, truth_of(members)) for _, folder in sorted(m.folds.items())] for m in members
+    ]
     for fold_a, fold_b in zip(*loaded, strict=True):
         for row, sample_id in enumerate(fold_a.sample_ids):
             i = table.sample_ids.index(sample_id)
@@ -108,7 +128,7 @@ def test_statistics_give_the_metric_of_the_combined_predictions_exactly(tmp_path
 
 def test_simplex_recovers_inverse_variance_height_weights_and_beats_equal_and_best(tmp_path) -> None:
     sigmas = np.array([1.0, 2.0, 4.0])
-    table = read_image_table(write_members(tmp_path, sigmas))
+    table = read_table(write_members(tmp_path, sigmas))
     spec, _ = fit_ensemble(table, "simplex")
     # Independent zero-mean noise: the optimum is w_k ∝ 1/sigma_k^2 = (0.762, 0.190, 0.048).
     optimum = (1 / sigmas**2) / (1 / sigmas**2).sum()
@@ -126,7 +146,7 @@ def test_scale_and_angle_weights_recover_inverse_variance(tmp_path) -> None:
     # 2,000 images of 2 x 2 pixels: many per-image scales and angles, few pixels.
     taus, kappas = np.array([0.2, 0.1, 0.05]), np.array([0.05, 0.1, 0.2])
     members = write_members(tmp_path, [0.5] * 3, n_per_city=500, size=2, scale_taus=taus, angle_kappas=kappas)
-    table = read_image_table(members)
+    table = read_table(members)
     # Small independent errors: the weighted error is sum_k w_k e_k, least variance at w ∝ 1/variance.
     for fitted, noise in ((fit_scale_weights(table, "simplex"), taus), (fit_angle_weights(table, "simplex"), kappas)):
         optimum = (1 / noise**2) / (1 / noise**2).sum()
@@ -145,8 +165,8 @@ def test_scale_weights_chosen_on_the_exact_score_when_the_proxy_misleads(tmp_pat
     # right. The scale fit with true heights prefers member1's exact scales; the exact score does not.
     everywhere = dict.fromkeys(CITIES, 0.5)
     members = write_members(tmp_path, [0.5, 0.5], height_gain=everywhere, member_scale_gain=[2.0, 1.0])
-    spec, stats = fit_ensemble(read_image_table(members), "simplex")
-    proxy_v = fit_scale_weights(read_image_table(members), "simplex")
+    spec, stats = fit_ensemble(read_table(members), "simplex")
+    proxy_v = fit_scale_weights(read_table(members), "simplex")
     assert proxy_v[1] > 0.99  # the proxy picks member1's scales
     assert spec.scale_angle_weights_from == "member:member0" and spec.scale_weights == [1.0, 0.0]
     proxy_score = ensemble_score(stats, "simplex", np.array(spec.height_weights))["final_score"]
@@ -166,7 +186,7 @@ def test_weighted_circular_mean_handles_the_wrap() -> None:
 
 
 def test_city_factor_recovered_and_kept_only_where_it_helps(tmp_path) -> None:
-    table = read_image_table(write_members(tmp_path, [0.5], n_per_city=8, height_gain={"ARG": 0.8}))
+    table = read_table(write_members(tmp_path, [0.5], n_per_city=8, height_gain={"ARG": 0.8}))
     spec, stats = fit_ensemble(table, "equal")
     factors = fit_city_factors(stats, "equal", np.array([1.0]))
     assert factors["ARG"] == pytest.approx(1 / 0.8, rel=0.02)
@@ -182,7 +202,7 @@ def test_city_factor_not_kept_when_the_other_folds_mislead(tmp_path) -> None:
     # ARG heights are x0.8 in fold 0 and x1.25 in fold 1: the factor fitted on one fold (1.25 or 0.8)
     # pushes the other fold the wrong way, so the nested check must drop it, though in-sample it helps.
     gain = {("ARG", 0): 0.8, ("ARG", 1): 1.25}
-    table = read_image_table(write_members(tmp_path, [0.5], n_per_city=8, fold_height_gain=gain))
+    table = read_table(write_members(tmp_path, [0.5], n_per_city=8, fold_height_gain=gain))
     spec, stats = fit_ensemble(table, "equal")
     assert "ARG" not in spec.city_height_factors
     in_sample = fit_city_factors(stats, "equal", np.array([1.0]))["ARG"]
@@ -195,7 +215,7 @@ def test_city_factor_not_kept_when_the_other_folds_mislead(tmp_path) -> None:
 def test_city_factor_outside_the_sane_range_is_refused_with_a_warning_naming_the_city(tmp_path) -> None:
     # Members predict a quarter of OMA's heights (a model that barely learned): the closed-form factor
     # would be x4, which the nested check alone would keep; the range refuses it and says so.
-    table = read_image_table(write_members(tmp_path, [0.2], n_per_city=8, height_gain={"OMA": 0.25, "ARG": 0.8}))
+    table = read_table(write_members(tmp_path, [0.2], n_per_city=8, height_gain={"OMA": 0.25, "ARG": 0.8}))
     with pytest.warns(UserWarning, match=r"city height factor of OMA refused: x4"):
         spec, stats = fit_ensemble(table, "equal")
     assert fit_city_factors(stats, "equal", np.array([1.0]))["OMA"] == pytest.approx(4.0, rel=0.02)
@@ -204,7 +224,7 @@ def test_city_factor_outside_the_sane_range_is_refused_with_a_warning_naming_the
 
 
 def test_city_factors_can_be_switched_off(tmp_path) -> None:
-    table = read_image_table(write_members(tmp_path, [0.5], n_per_city=8, height_gain={"ARG": 0.8}))
+    table = read_table(write_members(tmp_path, [0.5], n_per_city=8, height_gain={"ARG": 0.8}))
     spec, _ = fit_ensemble(table, "equal", city_factors=False)
     assert spec.city_height_factors == {}
     assert spec.oof_score == pytest.approx(spec.method_oof_scores["equal"], abs=1e-12)  # nothing but the weights
@@ -213,23 +233,23 @@ def test_city_factors_can_be_switched_off(tmp_path) -> None:
 def test_scale_model_kept_only_when_it_improves_the_nested_score(tmp_path) -> None:
     # Every member's scale is 30% low in JAX: a model of scale from city and ensemble scale fixes it.
     biased = write_members(tmp_path / "b", [0.5, 1.0], n_per_city=10, size=8, scale_gain={"JAX": 0.7})
-    spec, _ = fit_ensemble(read_image_table(biased), "simplex", scale_model_dir=tmp_path)
+    spec, _ = fit_ensemble(read_table(biased), "simplex", scale_model_dir=tmp_path)
     assert spec.scale_model == "scale_model.json" and (tmp_path / "scale_model.json").is_file()
     assert spec.oof_score > spec.method_oof_scores["simplex"] + 0.005
     # Exact scales: nothing to learn, and the nested predictions only add error.
     exact = write_members(tmp_path / "e", [0.5, 1.0], n_per_city=10, size=8)
-    spec, _ = fit_ensemble(read_image_table(exact), "simplex", scale_model_dir=tmp_path / "e")
+    spec, _ = fit_ensemble(read_table(exact), "simplex", scale_model_dir=tmp_path / "e")
     assert spec.scale_model is None and not (tmp_path / "e" / "scale_model.json").exists()
 
 
 def test_streamed_statistics_memory_does_not_grow_with_images(tmp_path) -> None:
     small = write_members(tmp_path / "n", [1.0, 2.0, 3.0], n_per_city=8)
     large = write_members(tmp_path / "2n", [1.0, 2.0, 3.0], n_per_city=16)
-    fit_ensemble(read_image_table(small), "simplex")  # first-call allocations (lazy imports) out of the way
+    fit_ensemble(read_table(small), "simplex")  # first-call allocations (lazy imports) out of the way
     peaks, sizes = [], []
     for members in (small, large):
         tracemalloc.start()
-        spec, stats = fit_ensemble(read_image_table(members), "simplex")
+        spec, stats = fit_ensemble(read_table(members), "simplex")
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
         sizes.append(stats.nbytes)
@@ -243,7 +263,7 @@ def test_streamed_statistics_memory_does_not_grow_with_images(tmp_path) -> None:
 
 
 def test_fit_from_oof_folders_is_one_fold_per_member(tmp_path) -> None:
-    members = write_members(tmp_path, [1.0, 2.0], k=1)
+    members = write_members(tmp_path, [1.0, 2.0], k=1, own_truth=True)
     spec = fit_from_oof_folders([m.folds[0] for m in members])
     assert spec.members == ["member0", "member1"]
     assert spec.height_weights[0] > spec.height_weights[1]

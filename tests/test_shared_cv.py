@@ -40,7 +40,10 @@ def env_for(tracking_uri: str) -> dict[str, str]:
 @pytest.mark.postgres
 @pytest.mark.slow
 def test_two_workers_share_one_cv_and_the_last_logs_cv_score(tracking_stack, tmp_path):
+    import mlflow
     from mlflow.tracking import MlflowClient
+
+    from geopose_mlops.tracking.truth import stored_truth
 
     data = tmp_path / "data"
     make_synthetic_dataset(data, images_per_city=2, size=64, seed=0, cities=("JAX", "OMA"), rgb_format="tif")
@@ -74,11 +77,13 @@ def test_two_workers_share_one_cv_and_the_last_logs_cv_score(tracking_stack, tmp
     fold_runs = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{cv_run_id}'")
     assert sorted(r.data.tags["geopose.fold"] for r in fold_runs) == ["0", "1"]
     assert all(r.info.status == "FINISHED" for r in fold_runs)
-    # The parent's cv_score is the metric over both folds' out-of-fold predictions, as stored.
+    # The parent's cv_score is the metric over both folds' out-of-fold predictions, as stored (the truth once).
+    mlflow.set_tracking_uri(tracking_stack.tracking_uri)  # the conftest fixture restores its own afterwards
+    truth = stored_truth(cv_run.data.params["data_fingerprint"], tmp_path / "truth")
     metric = GeoposeMetric()
     for run in fold_runs:
         folder = client.download_artifacts(run.info.run_id, "oof", str(tmp_path / run.info.run_id))
-        OofPredictions.load(folder).update_metric(metric)
+        OofPredictions.load(folder, truth).update_metric(metric)
     assert len(metric.cities) == 2 and sum(c.images for c in metric.cities.values()) == 4
     assert cv_run.data.metrics["cv_score"] == pytest.approx(metric.compute()["final_score"], abs=1e-9)
 

@@ -21,6 +21,7 @@ import pytest
 
 from geopose_mlops.data.synth import make_synthetic_dataset
 from geopose_mlops.train.oof import OofPredictions
+from geopose_mlops.train.truth import TruthSet
 
 REPO = Path(__file__).resolve().parents[1]
 VAL_SCORE_TOLERANCE = 0.01  # absolute, competition score units
@@ -83,17 +84,21 @@ def test_two_gloo_ranks_match_one_process_with_one_set_of_records(tmp_path):
     client = MlflowClient(f"sqlite:///{ddp_db}")
     runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
     kinds = sorted((r.data.tags["geopose.kind"], r.data.tags.get("geopose.fold", "")) for r in runs)
-    assert kinds == [("cv", ""), ("fold", "0"), ("fold", "1")]
+    assert kinds == [("cv", ""), ("data", ""), ("fold", "0"), ("fold", "1")]  # data: the truth, stored once
     assert all(r.info.status == "FINISHED" for r in runs)
     folds_table = {f: set() for f in (0, 1)}
     cv_run = next(r for r in runs if r.data.tags["geopose.kind"] == "cv")
     for line in Path(client.download_artifacts(cv_run.info.run_id, "folds.csv", str(tmp_path))).read_text().split()[1:]:
         sample_id, _, fold = line.split(",")
         folds_table[int(fold)].add(sample_id)
+    data_run = next(r for r in runs if r.data.tags["geopose.kind"] == "data")
+    truth = TruthSet.open(client.download_artifacts(data_run.info.run_id, "truth", str(tmp_path / "truth")))
     for run in runs:
         if run.data.tags["geopose.kind"] != "fold":
             continue
-        oof = OofPredictions.load(client.download_artifacts(run.info.run_id, "oof", str(tmp_path / run.info.run_id)))
+        oof = OofPredictions.load(
+            client.download_artifacts(run.info.run_id, "oof", str(tmp_path / run.info.run_id)), truth
+        )
         # The gathered validation holds each of the fold's images exactly once ...
         assert sorted(oof.sample_ids) == sorted(folds_table[int(run.data.tags["geopose.fold"])])
         # ... and the logged best score is the metric over all of them.

@@ -16,6 +16,7 @@ from geopose_mlops.config import ModelConfig, TrainConfig
 from geopose_mlops.constants import KIND_CV, KIND_FOLD, KIND_TAG
 from geopose_mlops.data.synth import make_synthetic_dataset
 from geopose_mlops.tracking.runs import CvTracker
+from geopose_mlops.tracking.truth import stored_truth
 from geopose_mlops.train.checkpoint import load_checkpoint
 from geopose_mlops.train.cv import run_cross_validation
 from geopose_mlops.train.oof import score_oof_folders
@@ -87,8 +88,8 @@ def test_mlflow_run_tracks_a_cross_validation(data_dir, tmp_path):
         best = load_checkpoint(client.download_artifacts(run_id, "checkpoints/best.pt", str(tmp_path / "best")))
         assert best["optimizer"] is None and best["model"]  # weights only: best.pt serves predictions
         oof_dirs.append(client.download_artifacts(run_id, "oof", str(tmp_path / run_id)))
-        assert {p.name for p in Path(oof_dirs[-1]).iterdir()} == {"index.csv", "agl_pred.npy", "agl_true.npy"}
-    recomputed = score_oof_folders(oof_dirs)
+        assert {p.name for p in Path(oof_dirs[-1]).iterdir()} == {"index.csv", "agl_pred.npy"}  # truth: once
+    recomputed = score_oof_folders(oof_dirs, stored_truth(cv.data.params["data_fingerprint"], tmp_path / "truth"))
     assert cv.data.metrics["cv_score"] == pytest.approx(recomputed["final_score"], abs=1e-12)
     for city, values in recomputed["cities"].items():
         assert cv.data.metrics[f"cv_score_{city}"] == pytest.approx(values["score"], abs=1e-12)

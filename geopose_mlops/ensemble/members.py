@@ -1,7 +1,9 @@
 """``ensemble fit`` on tracked runs: which finished cross-validations become members, and the fit driver.
 
 The candidates are read, their OOF folders downloaded and the ensemble run logged by
-``tracking.ensembles``; this module decides and fits, and never calls MLflow itself.
+``tracking.ensembles``, and the members' true heights found by ``tracking.truth`` (the truth set of
+their data fingerprint: the cache where it is here, else the data run's artifact); this module decides
+and fits, and never calls MLflow itself.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from geopose_mlops.tracking.ensembles import (
     member_fold_runs,
     search_finished_cv_runs,
 )
+from geopose_mlops.tracking.truth import stored_truth
+from geopose_mlops.train.oof import has_truth_file
+from geopose_mlops.train.truth import TRUTH_DIR
 
 
 def select_cv_runs(
@@ -104,7 +109,10 @@ def fit_tracked_ensemble(
             member_folds[run.info.run_id] = {str(f): r for f, r in sorted(folds.items())}
             folders = {f: download_oof(r, tmp / run.info.run_id / str(f)) for f, r in folds.items()}
             members.append(MemberOof(run.info.run_id, folders))
-        table = read_image_table(members)
+        # Fold runs of earlier versions hold their own truth; the others are read with the data's truth set.
+        own_truth = all(has_truth_file(folder) for folder in members[0].folds.values())
+        truth = None if own_truth else stored_truth(runs[0].data.params[FINGERPRINT_PARAM], tmp / TRUTH_DIR)
+        table = read_image_table(members, truth)
         out = tmp / "ensemble"
         out.mkdir()
         spec, _ = fit_ensemble(table, method, scale_model_dir=out)

@@ -20,7 +20,8 @@ fixed before the pixels are read and gets its own ``P_flow``, ``q_flow``. Sums a
 Two kinds of numbers are read: the per-image scalars of ``index.csv`` with three sums of each truth
 map (``ImageTable``: 2K + 9 numbers per image, what the scale and angle fits and the per-image scale
 model need), and the per-group pixel statistics (``PixelStatistics``), streamed one image at a time
-from memory-mapped arrays.
+from memory-mapped arrays. The true heights are the data's truth set (``train/truth.py``), looked up by
+sample id, or the first member's ``agl_true.npy`` in folders written by earlier versions.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ import numpy as np
 
 from geopose_mlops.constants import CITIES, R2_EPS
 from geopose_mlops.errors import DataError
-from geopose_mlops.train.oof import AGL_PRED_NPY, AGL_TRUE_NPY, INDEX_COLUMNS, INDEX_CSV
+from geopose_mlops.train.oof import AGL_PRED_NPY, AGL_TRUE_NPY, INDEX_COLUMNS, INDEX_CSV, has_truth_file
+from geopose_mlops.train.truth import TruthSet
 
 _SCALARS = ("gsd", "scale_true", "angle_true", "scale_pred", "angle_pred")
 
@@ -61,6 +63,7 @@ class ImageTable:
         scale_pred, angle_pred: (N, K) the members' scale (px/m) and angle (rad).
         truth_n, truth_sum, truth_sq: (N,) count, sum (m) and sum of squares (m^2) of valid true heights.
         folders: The OOF folders; ``folder_index`` (N, K) points into it and ``rows`` (N, K) is the row there.
+        truth: The truth set of the members' data (None: every first-member folder holds its ``agl_true.npy``).
     """
 
     members: list[str]
@@ -78,6 +81,7 @@ class ImageTable:
     folders: list[Path]
     folder_index: np.ndarray
     rows: np.ndarray
+    truth: TruthSet | None = None
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -104,33 +108,60 @@ def _read_index(folder: Path) -> list[tuple[str, str, int, list[float]]]:
 
 
 class _Arrays:
-    """Memory-mapped ``agl_pred.npy`` / ``agl_true.npy`` per folder, opened on first use."""
+    """Memory-mapped ``agl_pred.npy`` (and an earlier version's ``agl_true.npy``) per folder, opened on first use.
 
-    def __init__(self, folders: list[Path]) -> None:
+    True heights come from a folder's own ``agl_true.npy`` where it has one, else from the truth set.
+    """
+
+    def __init__(self, folders: list[Path], truth: TruthSet | None) -> None:
         self.folders = folders
-        self.opened: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.truth_set = truth
+        self.opened: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
 
-    def image(self, folder: int, row: int, which: int) -> np.ndarray:
-        """One image's heights (0: prediction, 1: truth) as float64, m."""
+    def _open(self, folder: int) -> tuple[np.ndarray, np.ndarray | None]:
         if folder not in self.opened:
             path = self.folders[folder]
             try:
-                self.opened[folder] = (
-                    np.load(path / AGL_PRED_NPY, mmap_mode="r"),
-                    np.load(path / AGL_TRUE_NPY, mmap_mode="r"),
-                )
+                truth = np.load(path / AGL_TRUE_NPY, mmap_mode="r") if has_truth_file(path) else None
+                self.opened[folder] = (np.load(path / AGL_PRED_NPY, mmap_mode="r"), truth)
             except (OSError, ValueError) as err:
                 raise DataError(path, f"unreadable out-of-fold arrays ({err})") from err
-        return np.asarray(self.opened[folder][which][row], dtype=np.float64)
+        return self.opened[folder]
+
+    def prediction(self, folder: int, row: int) -> np.ndarray:
+        """One image's predicted heights as float64, m."""
+        return np.asarray(self._open(folder)[0][row], dtype=np.float64)
+
+    def truth(self, folder: int, row: int, sample_id: str) -> np.ndarray:
+        """One image's true heights as float64, m, NaN = no data.
+
+        Raises:
+            DataError: The folder has no ``agl_true.npy`` and there is no truth set, or it lacks the image.
+        """
+        own = self._open(folder)[1]
+        if own is not None:
+            return np.asarray(own[row], dtype=np.float64)
+        if self.truth_set is None:
+            raise DataError(
+                self.folders[folder],
+                f"no {AGL_TRUE_NPY}: the truth set of the data the members were trained on is needed",
+            )
+        return self.truth_set.heights(sample_id).astype(np.float64)
 
 
-def read_image_table(members: Sequence[MemberOof]) -> ImageTable:
+def read_image_table(members: Sequence[MemberOof], truth: TruthSet | None = None) -> ImageTable:
     """Read every member's ``index.csv``, align the members by sample id, and sum each truth map once.
 
-    The truth is the first member's. Arrays are memory-mapped and read one image at a time.
+    Arrays are memory-mapped and read one image at a time.
+
+    Args:
+        members: The members' OOF folders.
+        truth: The truth set of their data (``train/truth.py``); where the first member's folder holds
+            an ``agl_true.npy`` (earlier versions) that is read instead.
 
     Raises:
-        DataError: A folder is unreadable, or the members do not cover the same images.
+        DataError: A folder is unreadable, the members do not cover the same images, or the truth of an
+            image is in neither place.
     """
     if not members:
         raise DataError(Path("."), "no ensemble members given")
@@ -170,14 +201,15 @@ def read_image_table(members: Sequence[MemberOof]) -> ImageTable:
         folders=folders,
         folder_index=np.array([[found[m][i][0] for m in range(len(members))] for i in ids], dtype=np.int64),
         rows=np.array([[found[m][i][1] for m in range(len(members))] for i in ids], dtype=np.int64),
+        truth=truth,
     )
     del found, first, scalars
     unknown = sorted(set(table.cities) - set(CITIES))
     if unknown:
         raise DataError(folders[0], f"unknown cities {unknown} in the out-of-fold index; expected {CITIES}")
-    arrays = _Arrays(folders)
-    for i in range(len(ids)):
-        y = arrays.image(table.folder_index[i, 0], table.rows[i, 0], 1)
+    arrays = _Arrays(folders, truth)
+    for i, sample_id in enumerate(ids):
+        y = arrays.truth(table.folder_index[i, 0], table.rows[i, 0], sample_id)
         y = y[np.isfinite(y)]
         table.truth_n[i], table.truth_sum[i], table.truth_sq[i] = y.size, y.sum(), np.square(y).sum()
     return table
@@ -255,15 +287,15 @@ def accumulate_statistics(table: ImageTable, variants: Mapping[str, tuple[np.nda
         flow_gram=np.zeros((v, g, k, k)),
         flow_cross=np.zeros((v, g, k)),
     )
-    arrays = _Arrays(table.folders)
+    arrays = _Arrays(table.folders, table.truth)
     for i, sample_id in enumerate(table.sample_ids):
         j = group_of[(str(table.cities[i]), int(table.folds[i]))]
-        y = arrays.image(table.folder_index[i, 0], table.rows[i, 0], 1)
+        y = arrays.truth(table.folder_index[i, 0], table.rows[i, 0], sample_id)
         valid = np.isfinite(y)
         y = y[valid]
         preds = np.empty((k, y.size))
         for m in range(k):
-            pred = arrays.image(table.folder_index[i, m], table.rows[i, m], 0)
+            pred = arrays.prediction(table.folder_index[i, m], table.rows[i, m])
             if pred.shape != valid.shape:
                 raise DataError(
                     table.folders[table.folder_index[i, m]],

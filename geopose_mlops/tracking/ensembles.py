@@ -1,7 +1,8 @@
 """Every MLflow call of ``ensemble fit``: the candidate cv runs, their fold runs' OOF folders, the ensemble run.
 
 Which candidates become members, and the fit itself, are decided in ``ensemble.members``, which calls
-these functions and never MLflow. Packaging, registering and serving an ensemble is ``registry.py``.
+these functions (and ``tracking.truth.stored_truth`` for the members' true heights) and never MLflow.
+Packaging, registering and serving an ensemble is ``registry.py``.
 
 SPEC §4: an ensemble run (``geopose.kind=ensemble``, in the experiment of its best member) holds the
 out-of-fold scores of the ensemble, of its best member and of each weighting method, the members and

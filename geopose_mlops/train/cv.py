@@ -20,6 +20,7 @@ import torch
 
 from geopose_mlops.config import TrainConfig, load_json_config
 from geopose_mlops.constants import CONFIG_JSON, DEFAULT_EXPERIMENT, FOLDS_CSV, FOLDS_FILE_TAG
+from geopose_mlops.data.cache import SampleCache
 from geopose_mlops.errors import ConfigError
 from geopose_mlops.train import distributed
 from geopose_mlops.train.data import PreparedData, check_data_dir, prepare_data
@@ -131,7 +132,7 @@ def _run_cross_validation(request: CvRequest, tracker: Tracker, context: distrib
         result = None
         if context.is_main:
             with tempfile.TemporaryDirectory(prefix="geopose-cv-") as tmp:
-                result = score_cv(tracker, cv_run_id, folds, Path(tmp))
+                result = score_cv(tracker, cv_run_id, folds, Path(tmp), data.cache)
         result = distributed.broadcast_from_main(result, context)
     except BaseException as err:
         if is_store_error(err):  # the store is down: closing the run would fail (after retries) too
@@ -191,6 +192,10 @@ def _open_cv_run(
     tags = request.tags if request.resume_run_id else {**(request.tags or {}), FOLDS_FILE_TAG: data.folds_source}
     cv_run_id = tracker.start_cv_run(config, data.cache.fingerprint, request.parent_run_id, run_id, tags)
     cv_run_id = distributed.broadcast_from_main(cv_run_id, context)
+    if context.is_main:  # the data's true heights, stored once for every architecture (tracking/truth.py)
+        from geopose_mlops.tracking.truth import store_truth
+
+        store_truth(cv_run_id, data.cache)
     if not request.resume_run_id:
         tracker.log_config(cv_run_id, config)
         tracker.log_data(cv_run_id, data.folds_table, config.data_dir, data.cache.fingerprint)
@@ -269,20 +274,26 @@ def run_folds(
     return results
 
 
-def score_cv(tracker: Tracker, cv_run_id: str, folds: Mapping[int, FoldResult], dest: Path) -> CvResult:
+def score_cv(
+    tracker: Tracker, cv_run_id: str, folds: Mapping[int, FoldResult], dest: Path, cache: SampleCache | None = None
+) -> CvResult:
     """Score the folds' stored out-of-fold files together and log ``cv_score`` on the cv run.
 
     Args:
         tracker: The cv run's tracker (rank 0's).
         cv_run_id: The cv run.
         folds: Every fold's result, in fold order (their runs hold the ``oof/`` files).
-        dest: Local folder the ``oof/`` files are downloaded into.
+        dest: Local folder the ``oof/`` files (and the truth set, where it is downloaded) go into.
+        cache: The cache trained on here: the true heights are read from it when it holds the run's
+            data, else from the data's truth set in the store (``tracking.truth.scoring_truth``).
 
     Returns:
         The cv run id, ``cv_score``, per-city scores and ``folds``.
     """
     oof_dirs = [tracker.download_oof(result.run_id, dest / f"fold_{fold}") for fold, result in folds.items()]
-    scores = score_oof_folders(oof_dirs)
+    from geopose_mlops.tracking.truth import scoring_truth
+
+    scores = score_oof_folders(oof_dirs, scoring_truth(cv_run_id, oof_dirs, dest / "truth", cache))
     tracker.log_cv_scores(cv_run_id, scores)
     city_scores = {city: values["score"] for city, values in scores["cities"].items()}
     return CvResult(cv_run_id, scores["final_score"], city_scores, dict(folds))

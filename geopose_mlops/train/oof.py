@@ -5,10 +5,12 @@ The ``oof/`` folder of a fold run (docs/ARCHITECTURE.md), at the training resolu
 - ``index.csv``: ``row,sample_id,city,gsd,scale_true,angle_true,scale_pred,angle_pred`` (row = position
   in the arrays; scale px/m; angle rad; gsd m/px).
 - ``agl_pred.npy``: float16 (N, S, S) metres.
-- ``agl_true.npy``: float16 (N, S, S) metres, NaN = no data.
 
-Scores are always computed from the float16 values as stored, so a score logged during training equals
-one recomputed from the files.
+The true heights are not stored again by every fold run of every architecture: they are the truth set of
+the data (``train/truth.py``), looked up by sample id when a folder is loaded. Folders written by earlier
+versions also hold ``agl_true.npy`` (float16 (N, S, S) m, NaN = no data); where it is present it is read
+instead. Both hold the same float16 values, and scores are always computed from the float16 values as
+stored, so a score logged during training equals one recomputed from the files.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ import numpy as np
 from geopose_mlops.data.io import atomic_path
 from geopose_mlops.errors import DataError
 from geopose_mlops.metrics import GeoposeMetric
+from geopose_mlops.train.truth import TruthSet
 
 INDEX_CSV = "index.csv"
 AGL_PRED_NPY = "agl_pred.npy"
-AGL_TRUE_NPY = "agl_true.npy"
+AGL_TRUE_NPY = "agl_true.npy"  # only in folders written by earlier versions (or ``save(with_truth=True)``)
 INDEX_COLUMNS = ("row", "sample_id", "city", "gsd", "scale_true", "angle_true", "scale_pred", "angle_pred")
 
 
@@ -43,7 +46,8 @@ class OofPredictions:
         scale_pred: (N,) px/m.
         angle_pred: (N,) rad.
         agl_pred: float16 (N, S, S) m.
-        agl_true: float16 (N, S, S) m, NaN = no data.
+        agl_true: float16 (N, S, S) m, NaN = no data (the truth set's values; ``save`` stores them only
+            ``with_truth``).
     """
 
     sample_ids: list[str]
@@ -78,13 +82,22 @@ class OofPredictions:
         """``GeoposeMetric.compute()`` over these predictions."""
         return self.update_metric(GeoposeMetric()).compute()
 
-    def save(self, folder: str | Path) -> Path:
-        """Write the three files into ``folder`` (created), each atomically; returns the folder."""
+    def save(self, folder: str | Path, *, with_truth: bool = False) -> Path:
+        """Write ``index.csv`` and ``agl_pred.npy`` into ``folder`` (created), each atomically; returns the folder.
+
+        Args:
+            folder: The ``oof/`` folder.
+            with_truth: Write ``agl_true.npy`` too, as earlier versions did (a self-contained folder).
+                Without it any ``agl_true.npy`` left there is removed: the truth set is what it is read with.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        for name, array in ((AGL_PRED_NPY, self.agl_pred), (AGL_TRUE_NPY, self.agl_true)):
+        arrays = [(AGL_PRED_NPY, self.agl_pred)] + ([(AGL_TRUE_NPY, self.agl_true)] if with_truth else [])
+        for name, array in arrays:
             with atomic_path(folder / name) as tmp, tmp.open("wb") as handle:
                 np.save(handle, np.asarray(array, dtype=np.float16))
+        if not with_truth:
+            (folder / AGL_TRUE_NPY).unlink(missing_ok=True)
         with atomic_path(folder / INDEX_CSV) as tmp, tmp.open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(INDEX_COLUMNS)
@@ -97,22 +110,33 @@ class OofPredictions:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path) -> OofPredictions:
-        """Read an ``oof/`` folder written by ``save``.
+    def load(cls, folder: str | Path, truth: TruthSet | None = None) -> OofPredictions:
+        """Read an ``oof/`` folder written by ``save``, with its true heights.
+
+        Args:
+            folder: The ``oof/`` folder.
+            truth: The truth set of the data it was trained on; the folder's own ``agl_true.npy`` is read
+                instead where there is one (folders of earlier versions).
 
         Raises:
-            DataError: A file is missing, unreadable, or the index and arrays disagree in length.
+            DataError: A file is missing or unreadable, the index and arrays disagree in length, or the
+                folder has no ``agl_true.npy`` and ``truth`` is None or lacks some of its images.
         """
         folder = Path(folder)
         index_path = folder / INDEX_CSV
         try:
             with index_path.open(newline="") as handle:
                 rows = list(csv.DictReader(handle))
-            arrays = [np.load(folder / name) for name in (AGL_PRED_NPY, AGL_TRUE_NPY)]
+            names = (AGL_PRED_NPY, AGL_TRUE_NPY) if has_truth_file(folder) else (AGL_PRED_NPY,)
+            arrays = [np.load(folder / name) for name in names]
         except (OSError, ValueError, csv.Error) as err:
             raise DataError(folder, f"not a readable oof/ folder ({err})") from err
         if rows and set(INDEX_COLUMNS) - set(rows[0]):
             raise DataError(index_path, f"expected columns {','.join(INDEX_COLUMNS)}")
+        if len(arrays) == 1:
+            if truth is None:
+                raise DataError(folder, f"no {AGL_TRUE_NPY}: the truth set of the data it was trained on is needed")
+            arrays.append(truth.stack(r["sample_id"] for r in rows))
         if any(len(a) != len(rows) for a in arrays):
             raise DataError(folder, f"index.csv has {len(rows)} rows but the arrays hold {[len(a) for a in arrays]}")
 
@@ -132,9 +156,19 @@ class OofPredictions:
         )
 
 
-def score_oof_folders(folders: Iterable[str | Path]) -> dict:
-    """One ``GeoposeMetric`` over every image of several ``oof/`` folders (the parent's ``cv_score``)."""
+def has_truth_file(folder: str | Path) -> bool:
+    """Whether an ``oof/`` folder holds its own ``agl_true.npy`` (written by earlier versions)."""
+    return (Path(folder) / AGL_TRUE_NPY).is_file()
+
+
+def score_oof_folders(folders: Iterable[str | Path], truth: TruthSet | None = None) -> dict:
+    """One ``GeoposeMetric`` over every image of several ``oof/`` folders (the parent's ``cv_score``).
+
+    Args:
+        folders: The folds' ``oof/`` folders.
+        truth: The truth set of their data (not needed where every folder holds its ``agl_true.npy``).
+    """
     metric = GeoposeMetric()
     for folder in folders:
-        OofPredictions.load(folder).update_metric(metric)
+        OofPredictions.load(folder, truth).update_metric(metric)
     return metric.compute()

@@ -63,6 +63,7 @@ def start_shared_cv(
         cache_root: Preprocessing cache folder (None: ``DATA/.geopose_cache``).
     """
     from geopose_mlops.tracking.runs import CvTracker
+    from geopose_mlops.tracking.truth import store_truth
 
     check_data_dir(config.data_dir)
     tracker = CvTracker(experiment)
@@ -71,6 +72,7 @@ def start_shared_cv(
     run_id = tracker.start_cv_run(config, data.cache.fingerprint, tags=tags)
     tracker.log_config(run_id, config)
     tracker.log_data(run_id, data.folds_table, config.data_dir, data.cache.fingerprint)
+    store_truth(run_id, data.cache)  # the true heights the folds are scored against, once per data
     return run_id
 
 
