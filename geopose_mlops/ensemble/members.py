@@ -87,6 +87,9 @@ def fit_tracked_ensemble(
     run_ids: list[str] | None = None,
     max_members: int | None = None,
     method: str = "simplex",
+    *,
+    city_factors: bool = True,
+    scale_model: bool = True,
 ) -> tuple[str, EnsembleSpec]:
     """Fit an ensemble on the candidates' OOF predictions and log it as an ``ensemble`` run.
 
@@ -96,6 +99,8 @@ def fit_tracked_ensemble(
         run_ids: The cv runs to ensemble, instead of a search.
         max_members: Keep at most this many (the best).
         method: Height weighting: ``simplex``, ``caruana`` or ``equal``.
+        city_factors: Also fit per-city height factors (kept where the nested check and range allow).
+        scale_model: Also fit the XGBoost scale model (kept where its nested predictions help).
 
     Returns:
         (ensemble run id, the fitted spec).
@@ -115,7 +120,7 @@ def fit_tracked_ensemble(
         table = read_image_table(members, truth)
         out = tmp / "ensemble"
         out.mkdir()
-        spec, _ = fit_ensemble(table, method, scale_model_dir=out)
+        spec, _ = fit_ensemble(table, method, scale_model_dir=out if scale_model else None, city_factors=city_factors)
         spec.member_folds = member_folds
         spec.image_size = int(runs[0].data.params["image_size"])
         spec.save(out / ENSEMBLE_JSON)
