@@ -496,7 +496,13 @@ def promote(ensemble_ref: str, name: str, alias: str, force: bool, experiment: s
 
 
 @main.command()
-@click.option("--model", "model_uri", default="models:/geopose-ensemble@champion", show_default=True)
+@click.option(
+    "--model",
+    "model_uri",
+    default="models:/geopose-ensemble@champion",
+    show_default=True,
+    help="A registered ensemble, an ensemble folder, or runs:/CV_RUN_ID (that architecture: the mean of its folds).",
+)
 @click.option("--images", "images_dir", required=True, type=click.Path(path_type=Path), help="Folder of RGB images.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Submission folder.")
 @click.option("--tta", type=click.Choice(["none", "flip", "d4"]), default="none", show_default=True)
@@ -531,6 +537,17 @@ def predict(
         workers=workers or None,
     )  # fmt: skip
     click.echo(f"wrote {len(done)} prediction(s) to {out_dir} ({predictor.device}, {predictor.precision.name})")
+
+
+@main.command()
+@click.argument("model_uri", metavar="MODEL_URI", default=f"models:/{REGISTERED_MODEL}@{CHAMPION_ALIAS}")
+def lineage(model_uri: str) -> None:
+    """The chain behind a registered version: ensemble run, member cv runs, their fold runs, the data."""
+    from geopose_mlops.tracking.lineage import lineage_lines, version_lineage
+
+    version, chain = version_lineage(model_uri)
+    for line in lineage_lines(model_uri, version, chain):
+        click.echo(line)
 
 
 # --- demo (issue 6) --------------------------------------------------------------------------------

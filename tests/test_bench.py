@@ -20,6 +20,8 @@ FIGURES = {
     "tracking_overhead",
     "pruning_epoch_reduction",
     "pruning_best_value_difference",
+    "promote_seconds_4_checkpoints",
+    "promote_seconds_per_checkpoint",
 }
 if importlib.util.find_spec("geopose_mlops.ensemble.fit") is not None:
     # run_all skips the ensemble figure where that module is not in the checkout yet.

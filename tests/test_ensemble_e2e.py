@@ -69,8 +69,8 @@ def test_fit_promote_predict_evaluate(tmp_path, monkeypatch) -> None:
     assert versions[0].tags["geopose.ensemble_run_id"] == best.info.run_id
     assert float(versions[0].tags["oof_score"]) == pytest.approx(metrics["oof_score"])
     assert sorted(json.loads(versions[0].tags["members"])) == sorted(r.run_id for r in runs)
-    loaded = mlflow.pyfunc.load_model("models:/geopose-ensemble@champion")
-    assert [i.name for i in loaded.metadata.get_input_schema().inputs] == ["image", "gsd", "city"]
+    info = mlflow.models.get_model_info("models:/geopose-ensemble@champion")
+    assert [i.name for i in info.signature.inputs.inputs] == ["image", "gsd", "city"]
 
     out = tmp_path / "submission"
     predicted = runner.invoke(main, ["predict", "--images", str(data / "test"), "--out", str(out), "--tta", "flip"])

@@ -8,9 +8,11 @@ experiment look-up in ``tracking.experiments``.
 SPEC §4: a parent run tagged ``geopose.kind=cv`` (or the caller's kind, e.g. ``trial``) holds the
 configuration, the data set input, ``folds.csv``, ``config.json`` and the out-of-fold scores; one nested
 run per fold (``geopose.kind=fold``) holds per-epoch metrics (``step`` = epoch), the best and last
-checkpoints and the best epoch's ``oof/`` files. Runs are addressed by id through ``MlflowClient``, so
-training never depends on (or disturbs) the fluent API's active-run stack; a run started by
-``mlflow run`` (``MLFLOW_RUN_ID``) is adopted as the parent.
+checkpoints and the best epoch's ``oof/`` files. Fold runs (and trial runs) carry ``geopose.cv_group``
+(``cv_group``): one readable value per cross-validation, so that the MLflow UI's *Group by* that tag
+charts each cross-validation's mean curve with its min/max band. Runs are addressed by id through
+``MlflowClient``, so training never depends on (or disturbs) the fluent API's active-run stack; a run
+started by ``mlflow run`` (``MLFLOW_RUN_ID``) is adopted as the parent.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from geopose_mlops.constants import (
     KIND_CV,
     KIND_FOLD,
     KIND_TAG,
+    KIND_TRIAL,
     OOF_DIR,
 )
 from geopose_mlops.errors import ConfigError
@@ -50,6 +53,7 @@ from geopose_mlops.tracking import artifacts, batches
 from geopose_mlops.tracking.experiments import experiment_id
 
 SKIPPED_FILES = "skipped_files.csv"  # artifact of a cv run trained with skip_bad
+CV_GROUP_TAG = "geopose.cv_group"  # fold and trial runs: the cross-validation they belong to, readable (SPEC §4)
 
 
 @functools.cache
@@ -90,6 +94,30 @@ def run_params(config: TrainConfig, data_fingerprint: str) -> dict[str, str]:
         "augment": str(config.augment),
         FINGERPRINT_PARAM: data_fingerprint,
     }
+
+
+def cv_group(config: TrainConfig, cv_run_id: str) -> str:
+    """The ``geopose.cv_group`` value of a cross-validation's runs: ``Unet/resnet34 lr=0.0001 #ab12``.
+
+    The architecture and learning rate, then the options that change what is trained where they are set
+    (effective batch, loss, EMA, top-K averaging, height warp, staged start), then the first characters
+    of the cv run id, so two cross-validations of the same settings still form two groups.
+    """
+    defaults = TrainConfig()
+    parts = [f"{config.model.decoder}/{config.model.encoder}", f"lr={config.lr:g}"]
+    if config.effective_batch_size and config.effective_batch_size != config.batch_size:
+        parts.append(f"batch={config.effective_batch_size}")
+    if config.loss != defaults.loss:
+        parts.append(f"loss={config.loss}")
+    if config.ema is not None:
+        parts.append(f"ema={config.ema:g}")
+    if config.keep_top is not None:
+        parts.append(f"top={config.keep_top}")
+    if config.height_warp_p:
+        parts.append(f"warp={config.height_warp_p:g}")
+    if config.init_from:
+        parts.append(f"from=#{config.init_from[:4]}")
+    return " ".join([*parts, f"#{cv_run_id[:4]}"])
 
 
 class CvTracker:
@@ -136,8 +164,8 @@ class CvTracker:
     ) -> str:
         """Open the parent run: an existing ``run_id``, the ``mlflow run`` one, or a new run.
 
-        Logs the tags (``geopose.kind`` = ``cv`` unless ``tags`` says otherwise, the code version) and
-        params; a run adopted with params already logged keeps them.
+        Logs the tags (``geopose.kind`` = ``cv`` unless ``tags`` says otherwise, the code version, and for
+        a trial run ``geopose.cv_group``) and params; a run adopted with params already logged keeps them.
         """
         run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
         all_tags = {KIND_TAG: KIND_CV, CODE_VERSION_TAG: code_version(), **(tags or {})}
@@ -151,6 +179,8 @@ class CvTracker:
             name = f"cv-{config.model.decoder}-{config.model.encoder}".lower()
             run_id = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name).info.run_id
             run = self.client.get_run(run_id)
+        if all_tags[KIND_TAG] == KIND_TRIAL:  # a trial's own curve joins its folds' group
+            all_tags[CV_GROUP_TAG] = cv_group(config, run_id)
         params = {k: v for k, v in run_params(config, data_fingerprint).items() if k not in run.data.params}
         self._log(run_id, params=params, tags=all_tags)
         return run_id
@@ -186,13 +216,14 @@ class CvTracker:
         """Create the nested run of one fold with the parent's params plus ``fold`` and ``precision``.
 
         ``precision`` is what the fold really trains in (``bf16``, ``fp16``, ``fp32``): the ``amp``
-        param is only the request, and its effect depends on the device.
+        param is only the request, and its effect depends on the device. Tagged ``geopose.cv_group``.
         """
         tags = {
             KIND_TAG: KIND_FOLD,
             FOLD_TAG: str(fold),
             MLFLOW_PARENT_RUN_ID: cv_run_id,
             CODE_VERSION_TAG: code_version(),
+            CV_GROUP_TAG: cv_group(config, cv_run_id),
         }
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"fold-{fold}")
         # Known now: the first checkpoint stored needs no lookup of the run.

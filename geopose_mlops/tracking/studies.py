@@ -5,6 +5,9 @@ SPEC §4: one run tagged ``geopose.kind=study`` per Optuna study, found again by
 under the same run. Each trial is a cross-validation run (created here, then filled by ``train.cv``)
 tagged ``geopose.kind=trial``, nested under the study run, cross-referenced with Optuna by the tag
 ``optuna.trial_number`` (and, on the Optuna side, the trial's user attribute ``mlflow_run_id``).
+When ``train.cv`` adopts the trial run it tags it ``geopose.cv_group`` as its fold runs
+(``tracking.runs.cv_group``), so the UI's *Group by* that tag charts each trial with its folds; with the
+``fold0`` objective the trial's curve is its one fold's.
 A pruned trial's run is tagged ``optuna.state=PRUNED`` and ends with status ``KILLED``. The run of a
 trial whose worker died (found by the heartbeat) is closed by the worker that finds it: status
 ``FAILED``, tags ``optuna.state=FAILED`` and ``optuna.dead_worker`` (the dead worker's ``host:pid``).
