@@ -19,6 +19,7 @@ from tiny_cv import run_tiny_cv
 
 from geopose_mlops.cli import main
 from geopose_mlops.data.synth import make_synthetic_dataset
+from geopose_mlops.ensemble.members import fit_tracked_ensemble
 from geopose_mlops.tracking.lineage import ENSEMBLE_RUN_TAG, FINGERPRINT_TAG, MEMBER_NAMES_TAG, MEMBERS_TAG
 from geopose_mlops.tracking.runs import CV_GROUP_TAG, fold_runs
 
@@ -130,10 +131,10 @@ def test_a_promoted_version_describes_itself_and_lineage_lists_every_fold_run(tr
 
 def test_predict_with_a_cv_run_scores_as_its_one_member_equal_weight_ensemble(tracked: Store, tmp_path: Path) -> None:
     cv_run_id = next(iter(tracked.folds))
-    # The one-member ensemble without what ``ensemble fit`` may add to the folds' mean: city factors, a scale model.
-    fitted = _invoke("ensemble", "fit", "--experiment", EXPERIMENT, "--run-ids", cv_run_id, "--method", "equal",
-                     "--no-city-factors", "--no-scale-model")  # fmt: skip
-    ensemble_run_id = fitted.output.split("ensemble run ", 1)[1].split(":", 1)[0]
+    # The one-member ensemble without what ``ensemble fit`` may add to the folds' mean: city factors, a scale
+    # model (``ensemble fit --method equal --no-city-factors --no-scale-model``).
+    ensemble_run_id, _ = fit_tracked_ensemble(EXPERIMENT, run_ids=[cv_run_id], method="equal", city_factors=False,
+                                              scale_model=False)  # fmt: skip
     spec = json.loads(mlflow.artifacts.load_text(f"runs:/{ensemble_run_id}/ensemble.json"))
     assert (spec["members"], spec["height_weights"], spec["city_height_factors"], spec["scale_model"]) == (
         [cv_run_id], [1.0], {}, None
@@ -163,9 +164,7 @@ def test_a_promote_stopped_midway_leaves_the_ensemble_run_finished_and_no_versio
     tracked: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cv_run_id = next(iter(tracked.folds))
-    fitted = _invoke("ensemble", "fit", "--experiment", EXPERIMENT, "--run-ids", cv_run_id, "--method", "equal",
-                     "--no-city-factors")  # fmt: skip
-    ensemble_run_id = fitted.output.split("ensemble run ", 1)[1].split(":", 1)[0]
+    ensemble_run_id, _ = fit_tracked_ensemble(EXPERIMENT, run_ids=[cv_run_id], method="equal", city_factors=False)
     client = MlflowClient()
 
     def interrupted(*args, **kwargs):
