@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from geopose_mlops.config import ModelConfig, TrainConfig
-from geopose_mlops.constants import TRAIN_CSV
+from geopose_mlops.constants import FOLDS_CSV, TRAIN_CSV
 from geopose_mlops.data import io
 from geopose_mlops.data.layout import find_samples
 from geopose_mlops.errors import GeoposeError
@@ -135,14 +135,7 @@ def run_demo(
     Raises:
         GeoposeError: A step failed; the message names the step's file or value.
     """
-    from geopose_mlops.data.cache import cache_fingerprint
-    from geopose_mlops.data.check import check_dataset
-    from geopose_mlops.data.folds import make_folds, write_folds
-    from geopose_mlops.data.synth import make_synthetic_dataset
-    from geopose_mlops.metrics import evaluate_folder
     from geopose_mlops.tracking.experiments import experiment_id
-    from geopose_mlops.tracking.runs import cv_score, find_finished_cv_run
-    from geopose_mlops.train.cv import run_cross_validation
 
     settings = settings or DemoSettings()
     started = time.perf_counter()
@@ -150,8 +143,37 @@ def run_demo(
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir = workdir / "data"
     os.environ["MLFLOW_TRACKING_URI"] = uri = demo_tracking_uri(workdir)
+    # One progress bar per fold and the summary: MLflow's bar per artifact download would bury them.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     experiment_id(DEMO_EXPERIMENT, create=True, artifact_location=(workdir / "artifacts").as_uri())
     summary = DemoSummary(workdir=workdir, tracking_uri=uri)
+
+    fingerprint = _prepare_data(data_dir, settings, say)
+    base = _base_config(data_dir, settings)
+    _step(say, f"4/8 cross-validation of {len(settings.architectures)} architectures")
+    cv_run_ids = [_cross_validate(base, arch, fingerprint, summary, say) for arch in settings.architectures]
+
+    _step(say, f"5/8 Optuna study: {settings.study_trials} trials over lr and effective batch size")
+    summary.study_best = _run_demo_study(workdir, base, settings, say)
+
+    _step(say, "6/8 ensemble fit on the out-of-fold predictions, 7/8 promote")
+    ensemble = _fit_and_promote(cv_run_ids, say)
+    summary.ensemble_oof_score = ensemble["oof_score"]
+    summary.best_member_oof_score = ensemble["best_member_oof_score"]
+    summary.model_uri = ensemble["model_uri"]
+
+    _step(say, "8/8 predict the test images and evaluate against their truth")
+    summary.test_score, summary.baseline_test_score = _predict_and_evaluate(summary.model_uri, workdir, data_dir)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _prepare_data(data_dir: Path, settings: DemoSettings, say: Callable[[str], None]) -> str:
+    """Steps 1-3: the synthetic data set (kept when written), its check, its folds; the cache fingerprint."""
+    from geopose_mlops.data.cache import cache_fingerprint
+    from geopose_mlops.data.check import check_dataset
+    from geopose_mlops.data.folds import make_folds, write_folds
+    from geopose_mlops.data.synth import make_synthetic_dataset
 
     _step(say, f"1/8 synthetic data -> {data_dir}")
     if (data_dir / TRAIN_CSV).is_file():
@@ -176,11 +198,13 @@ def run_demo(
 
     _step(say, f"3/8 folds (k={settings.k}, stratified by city)")
     samples = find_samples(data_dir, "train")
-    write_folds(data_dir / "folds.csv", make_folds(samples, settings.k, settings.seed))
-    fingerprint = cache_fingerprint(samples, settings.image_size)
+    write_folds(data_dir / FOLDS_CSV, make_folds(samples, settings.k, settings.seed))
+    return cache_fingerprint(samples, settings.image_size)
 
-    _step(say, f"4/8 cross-validation of {len(settings.architectures)} architectures")
-    base = TrainConfig(
+
+def _base_config(data_dir: Path, settings: DemoSettings) -> TrainConfig:
+    """What every architecture of the demo shares."""
+    return TrainConfig(
         data_dir=str(data_dir),
         epochs=settings.epochs,
         lr=settings.lr,
@@ -191,36 +215,38 @@ def run_demo(
         amp=True,
         augment=False,  # 48 tiny images: flips and rotations hide the per-city angle prior the demo can learn
     )
-    cv_run_ids = []
-    for decoder, encoder in settings.architectures:
-        name = f"{decoder}/{encoder}"
-        config = replace(base, model=ModelConfig(encoder=encoder, decoder=decoder))
-        run_id = find_finished_cv_run(DEMO_EXPERIMENT, config, fingerprint)
-        summary.reused[name] = run_id is not None
-        if run_id is None:
-            run_id = run_cross_validation(config, experiment=DEMO_EXPERIMENT).run_id
-        summary.cv_scores[name] = cv_score(run_id)
-        cv_run_ids.append(run_id)
-        say(f"   {name}: cv_score {summary.cv_scores[name]:.4f} ({'reused' if summary.reused[name] else 'trained'})")
 
-    _step(say, f"5/8 Optuna study: {settings.study_trials} trials over lr and effective batch size")
-    summary.study_best = _run_demo_study(workdir, base, settings, say)
 
-    _step(say, "6/8 ensemble fit on the out-of-fold predictions, 7/8 promote")
-    ensemble = _fit_and_promote(cv_run_ids, say)
-    summary.ensemble_oof_score = ensemble["oof_score"]
-    summary.best_member_oof_score = ensemble["best_member_oof_score"]
-    summary.model_uri = ensemble["model_uri"]
+def _cross_validate(
+    base: TrainConfig, architecture: tuple[str, str], fingerprint: str, summary: DemoSummary, say: Callable[[str], None]
+) -> str:
+    """Step 4 for one (decoder, encoder): reuse a finished cv run of the same params, data and code, else train."""
+    from geopose_mlops.tracking.runs import cv_score, find_finished_cv_run
+    from geopose_mlops.train.cv import run_cross_validation
 
-    _step(say, "8/8 predict the test images and evaluate against their truth")
+    decoder, encoder = architecture
+    name = f"{decoder}/{encoder}"
+    config = replace(base, model=ModelConfig(encoder=encoder, decoder=decoder))
+    run_id = find_finished_cv_run(DEMO_EXPERIMENT, config, fingerprint)
+    summary.reused[name] = run_id is not None
+    if run_id is None:
+        run_id = run_cross_validation(config, experiment=DEMO_EXPERIMENT).run_id
+    summary.cv_scores[name] = cv_score(run_id)
+    say(f"   {name}: cv_score {summary.cv_scores[name]:.4f} ({'reused' if summary.reused[name] else 'trained'})")
+    return run_id
+
+
+def _predict_and_evaluate(model_uri: str, workdir: Path, data_dir: Path) -> tuple[float, float]:
+    """Step 8: (the registered model's test score, the mean-height baseline's)."""
+    from geopose_mlops.metrics import evaluate_folder
+
     submission = workdir / "submission"
-    _predict(summary.model_uri, data_dir / "test", submission)
-    summary.test_score = evaluate_folder(submission, data_dir / "test_truth", progress=False)["final_score"]
+    _predict(model_uri, data_dir / "test", submission)
+    test_score = evaluate_folder(submission, data_dir / "test_truth", progress=False)["final_score"]
     baseline_dir = workdir / "baseline_submission"
     write_mean_baseline(data_dir, baseline_dir)
-    summary.baseline_test_score = evaluate_folder(baseline_dir, data_dir / "test_truth", progress=False)["final_score"]
-    summary.seconds = time.perf_counter() - started
-    return summary
+    baseline_score = evaluate_folder(baseline_dir, data_dir / "test_truth", progress=False)["final_score"]
+    return test_score, baseline_score
 
 
 def _run_demo_study(workdir: Path, base: TrainConfig, settings: DemoSettings, say: Callable[[str], None]) -> float:
@@ -231,6 +257,7 @@ def _run_demo_study(workdir: Path, base: TrainConfig, settings: DemoSettings, sa
     from geopose_mlops.tune.study import describe_study, run_study
     from geopose_mlops.tune.study_file import StudyConfig
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the step prints the study's summary itself
     train = to_dict(replace(base, epochs=settings.study_epochs, model=ModelConfig(*settings.architectures[0][::-1])))
     config = from_dict(
         StudyConfig,
