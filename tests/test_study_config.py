@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from geopose_mlops.errors import ConfigError
-from geopose_mlops.tune.study import build_storage, micro_batch_size, suggest_hyperparameters, trial_train_config
+from geopose_mlops.tune.storage import build_storage
+from geopose_mlops.tune.study import micro_batch_size, suggest_hyperparameters, trial_train_config
 from geopose_mlops.tune.study_file import BatchSizeRange, SearchSpace, StudyConfig, load_study_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -30,32 +30,24 @@ from __future__ import annotations
 import math
 import os
 import socket
-import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import optuna
-import sqlalchemy.exc
-from sqlalchemy.engine import make_url
 
 from geopose_mlops.config import TrainConfig, flatten
 from geopose_mlops.errors import ConfigError, GeoposeError
 from geopose_mlops.tracking.studies import StudyTracker
+from geopose_mlops.tune.storage import build_storage, redact
 from geopose_mlops.tune.study_file import PrunerConfig, SamplerConfig, SearchSpace, StudyConfig, load_study_config
-
-STORAGE_ATTEMPTS = 3  # tries at opening a storage whose tables another worker is creating
-
-StaleTrialCallback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
 
 __all__ = [
     "StudyConfig",
     "build_pruner",
     "build_sampler",
-    "build_storage",
     "describe_study",
     "load_study_config",
     "micro_batch_size",
@@ -125,60 +117,6 @@ def build_pruner(config: PrunerConfig, max_resource: int) -> optuna.pruners.Base
     return optuna.pruners.NopPruner()
 
 
-def build_storage(
-    config: StudyConfig, url: str | None = None, on_stale: StaleTrialCallback | None = None
-) -> optuna.storages.RDBStorage:
-    """An RDB storage with heartbeats and retries of dead trials.
-
-    Args:
-        config: The study (its storage URL, heartbeat, grace period, retries, SQLite timeout).
-        url: Overrides ``config.storage`` (the ``--storage`` option).
-        on_stale: Called with each trial this worker finds dead and marks FAILED, before any retry.
-    """
-    url = url or config.storage
-    if not url:
-        raise ConfigError(f"study {config.study_name}: no storage URL")
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        # SQLite locks the whole file per write; wait for the lock instead of "database is locked".
-        engine_kwargs["connect_args"] = {"timeout": config.sqlite_timeout}
-        db_path = url.split(":///", 1)[-1]
-        if db_path and db_path != ":memory:":
-            Path(db_path).parent.mkdir(parents=True, exist_ok=True)
-    else:
-        engine_kwargs["pool_pre_ping"] = True  # a server may drop idle connections during long trials
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat and retry
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(config.max_retry) if config.max_retry else None
-        callbacks = [c for c in (on_stale, retry) if c is not None]
-
-        def stale_trial_callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            for callback in callbacks:
-                callback(study, trial)
-
-        for attempt in range(1, STORAGE_ATTEMPTS + 1):
-            try:
-                return optuna.storages.RDBStorage(
-                    url,
-                    engine_kwargs=engine_kwargs,
-                    heartbeat_interval=config.heartbeat_interval,
-                    grace_period=config.grace_period,
-                    heartbeat_stale_trial_callback=stale_trial_callback if callbacks else None,
-                )
-            except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as err:
-                # Workers starting together on a new database race to create its tables ("table
-                # studies already exists"; on PostgreSQL a duplicate pg_type row, or "relation
-                # version_info does not exist" that Optuna wraps); once one has, the others go on.
-                if attempt == STORAGE_ATTEMPTS:
-                    raise GeoposeError(f"storage {redact(url)}: cannot open ({err})") from err
-                time.sleep(attempt)
-
-
-def redact(url: str) -> str:
-    """A storage URL with its password masked (for messages and tags)."""
-    return make_url(url).render_as_string(hide_password=True)
-
-
 def study_params(config: StudyConfig) -> dict[str, str]:
     """The study run's params (SPEC §4): name, sampler, pruner, objective, search space, fixed config."""
     lr, batch = config.search_space.lr, config.search_space.effective_batch_size
@@ -216,27 +154,8 @@ def make_objective(
     from geopose_mlops.train.cv import run_cross_validation
 
     def objective(trial: optuna.Trial) -> float:
-        dead_run_id = trial.user_attrs.get("mlflow_run_id")
-        if dead_run_id:  # a heartbeat retry copies the dead trial's attributes: close the run it left RUNNING
-            tracker.end_trial(dead_run_id, "FAILED")
-        params = suggest_hyperparameters(trial, config.search_space)
-        for key, value in params.items():
-            trial.set_user_attr(key, value)
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        train = trial_train_config(config, params)
-        run_id = tracker.start_trial_run(study_run_id, trial.number, params)
-        trial.set_user_attr("mlflow_run_id", run_id)
-        position = {fold: i for i, fold in enumerate(train.fold_list())}
-        reported: list[int] = []
-
-        def on_epoch_end(fold: int, epoch: int, metrics: dict[str, float]) -> None:
-            step = position[fold] * train.epochs + epoch  # folds run one after another
-            tracker.log_trial_epoch(run_id, step, metrics)
-            trial.report(metrics["val_score"], step)
-            reported.append(step)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"trial {trial.number}: val_score {metrics['val_score']:.4f} at step {step}")
-
+        train, run_id = _start_trial(trial, config, tracker, study_run_id)
+        on_epoch_end, reported = _epoch_reporter(trial, tracker, run_id, train)
         try:
             result = run_cross_validation(
                 train,
@@ -264,6 +183,44 @@ def make_objective(
         return value
 
     return objective
+
+
+def _start_trial(
+    trial: optuna.Trial, config: StudyConfig, tracker: StudyTracker, study_run_id: str
+) -> tuple[TrainConfig, str]:
+    """Sample the trial's point, record it on the trial and open its MLflow run: (its config, its run id)."""
+    dead_run_id = trial.user_attrs.get("mlflow_run_id")
+    if dead_run_id:  # a heartbeat retry copies the dead trial's attributes: close the run it left RUNNING
+        tracker.end_trial(dead_run_id, "FAILED")
+    params = suggest_hyperparameters(trial, config.search_space)
+    for key, value in params.items():
+        trial.set_user_attr(key, value)
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    run_id = tracker.start_trial_run(study_run_id, trial.number, params)
+    trial.set_user_attr("mlflow_run_id", run_id)
+    return trial_train_config(config, params), run_id
+
+
+def _epoch_reporter(
+    trial: optuna.Trial, tracker: StudyTracker, run_id: str, train: TrainConfig
+) -> tuple[Callable[[int, int, dict[str, float]], None], list[int]]:
+    """The per-epoch callback: log the epoch on the trial run, report it to Optuna, prune when told.
+
+    Returns:
+        (``on_epoch_end(fold, epoch, metrics)``, the steps reported so far, filled in as it runs).
+    """
+    position = {fold: i for i, fold in enumerate(train.fold_list())}
+    reported: list[int] = []
+
+    def on_epoch_end(fold: int, epoch: int, metrics: dict[str, float]) -> None:
+        step = position[fold] * train.epochs + epoch  # folds run one after another
+        tracker.log_trial_epoch(run_id, step, metrics)
+        trial.report(metrics["val_score"], step)
+        reported.append(step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"trial {trial.number}: val_score {metrics['val_score']:.4f} at step {step}")
+
+    return on_epoch_end, reported
 
 
 def study_figures(study: optuna.Study) -> dict[str, Any]:
