@@ -136,6 +136,29 @@ def _train_options(command):
         _field_option("--loss", "loss", "Loss.", type=click.Choice(["mse", "r2", "huber_cos"])),
         _field_option("--augment/--no-augment", "augment", "Training augmentation."),
         _field_option(
+            "--height-warp-p",
+            "height_warp_p",
+            "Probability of the height warp per training image (heights x a factor, roofs moved); needs --augment.",
+            type=click.FloatRange(0, 1),
+        ),
+        _field_option(
+            "--init-from",
+            "init_from",
+            "Staged training: start each fold from this cv run's fold best.pt (same folds and model).",
+        ),
+        _field_option(
+            "--ema",
+            "ema",
+            "Decay of a moving average of the weights per optimiser step, validated and stored (0: off).",
+            type=click.FloatRange(0, 1, max_open=True),
+        ),
+        _field_option(
+            "--keep-top",
+            "keep_top",
+            "Average the K best epochs' weights at the end of each fold; best.pt is the better (0: off).",
+            type=click.IntRange(0),
+        ),
+        _field_option(
             "--num-workers",
             "num_workers",
             "DataLoader workers (0: load in the training process). On a GPU raise it: augmenting a 1024 px "
@@ -199,6 +222,8 @@ def _train_config(folds: str, options: dict):
     # 0 and "" stand for "not given", as MLproject parameters cannot be left out.
     options["effective_batch_size"] = options["effective_batch_size"] or None
     options["crop_size"] = options["crop_size"] or None
+    for name in ("init_from", "ema", "keep_top"):
+        options[name] = options[name] or None
     rest = {key: options.pop(key) for key in RUN_OPTIONS if key in options}
     config = TrainConfig(data_dir=str(options.pop("data_dir")), model=model, folds=fold_list, **options)
     options.update(rest)

@@ -217,6 +217,14 @@ class TrainConfig:
             own, a tiny model's sub-second epochs share one request. 0: every epoch.
         skip_bad: Train on the good samples when some files are bad (the skipped files are logged as
             ``skipped_files.csv`` on the cv run); off: bad files stop the run before it starts.
+        height_warp_p: Probability of the height warp (``data/warp.py``) per training sample, the first
+            step of the augmentation (needs ``augment``); 0: off.
+        init_from: A finished cv run to start from (staged training): each fold starts from that run's
+            fold ``best.pt`` (same folds and model required); None: from the encoder weights.
+        ema: Decay per optimiser step of an exponential moving average of the weights; the average is
+            what is validated and stored as ``best.pt`` (None: off). E.g. 0.999 over thousands of steps.
+        keep_top: Average the weights of the ``keep_top`` best epochs (by ``val_score``) at the end of a
+            fold; ``best.pt`` is the better of that average and the best epoch (None: off).
     """
 
     data_dir: str = "data"
@@ -238,6 +246,10 @@ class TrainConfig:
     skip_bad: bool = False
     checkpoint_interval_s: float = 120.0
     metrics_interval_s: float = 5.0
+    height_warp_p: float = 0.0
+    init_from: str | None = None
+    ema: float | None = None
+    keep_top: int | None = None
 
     def __post_init__(self) -> None:
         require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
@@ -254,6 +266,14 @@ class TrainConfig:
         require(self.k >= 2, f"k must be >= 2 folds, got {self.k}")
         for name in ("checkpoint_interval_s", "metrics_interval_s"):
             require(getattr(self, name) >= 0, f"{name} must be >= 0 seconds, got {getattr(self, name)}")
+        require(0.0 <= self.height_warp_p <= 1.0, f"height_warp_p must be in [0, 1], got {self.height_warp_p}")
+        require(
+            self.augment or self.height_warp_p == 0.0,
+            f"height_warp_p={self.height_warp_p} needs augment (the warp is the augmentation's first step)",
+        )
+        require(self.init_from is None or bool(self.init_from.strip()), "init_from must be a cv run id or None")
+        require(self.ema is None or 0.0 < self.ema < 1.0, f"ema must be a decay in (0, 1), got {self.ema}")
+        require(self.keep_top is None or self.keep_top >= 1, f"keep_top must be >= 1 epochs, got {self.keep_top}")
         if self.folds is not None:
             bad = [f for f in self.folds if not 0 <= f < self.k]
             require(not bad, f"folds {bad} out of range: with k={self.k} folds are 0..{self.k - 1}")

@@ -44,6 +44,7 @@ KIND_CV, KIND_FOLD, KIND_STUDY, KIND_TRIAL, KIND_ENSEMBLE, KIND_REPORT = (
 REGISTERED_MODEL = "geopose-ensemble"
 CHAMPION_ALIAS = "champion"
 FOLD_TAG = "geopose.fold"  # the fold number of a fold run
+INIT_FROM_TAG = "geopose.init_from"  # cv run: the cv run whose fold best.pt its folds started from (staged)
 CODE_VERSION_TAG = "geopose.code_version"  # package version + digest of its sources (tracking.runs.code_version)
 FINGERPRINT_PARAM = "data_fingerprint"  # cv run param: digest of the training data (members must share it)
 FOLDS_FILE_TAG = "geopose.folds_file"  # cv run: the folds.csv its folds came from, or "seeded k=K seed=S"

@@ -41,8 +41,8 @@ def test_loss_turning_nan_stops_the_fold_and_keeps_the_last_good_checkpoint(
     real_build_loss = losses.build_loss
     calls = {"n": 0}
 
-    def build_nan_loss(name, weights=None):
-        loss_fn = real_build_loss(name, weights)
+    def build_nan_loss(name, weights=None, city_means=None):
+        loss_fn = real_build_loss(name, weights, city_means)
 
         def nan_after_first_epoch(outputs, batch):
             total, parts = loss_fn(outputs, batch)

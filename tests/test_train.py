@@ -139,6 +139,30 @@ def test_accumulated_micro_batches_give_the_same_update_as_one_batch(cache):
         torch.testing.assert_close(micro[key], full[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
+def test_on_step_follows_every_optimiser_step_and_the_ema_with_it(cache):
+    """10 images in micro-batches of 2, 2 per step: 3 steps (the last short), each followed by the EMA update."""
+    from geopose_mlops.train.averaging import WeightAverages
+
+    model = _model()
+    averages = WeightAverages.start(model, ema=0.5, keep_top=None)
+    start = {k: v.clone() for k, v in averages.scored(model).state_dict().items()}
+    update, calls = averages.on_step(model), []
+
+    def on_step():
+        calls.append(int(optimizer.state[next(iter(optimizer.state))]["step"]))
+        update()
+
+    optimizer = loop.build_optimizer(model, 1e-3, 0.0)
+    result = loop.train_one_epoch(
+        model, loop.make_loader(FilledDataset(cache, range(10)), 2, 0), optimizer, build_loss("mse"),
+        loop.make_precision("cpu", False), 2, lambda step: 1e-3, on_step=on_step,
+    )  # fmt: skip
+    assert result.steps == 3 and calls == [1, 2, 3]  # called after each step, once
+    ema, weights = averages.scored(model).state_dict(), model.state_dict()
+    key = next(k for k, v in weights.items() if v.is_floating_point() and v.dim() == 4)
+    assert not torch.equal(ema[key], start[key]) and not torch.equal(ema[key], weights[key])  # follows, lags
+
+
 def test_non_finite_loss_stops_before_the_weights_change(cache):
     model = _model()
     before = {k: v.detach().clone() for k, v in model.named_parameters()}

@@ -92,6 +92,10 @@ def run_params(config: TrainConfig, data_fingerprint: str) -> dict[str, str]:
         "loss": config.loss,
         "weight_decay": repr(config.weight_decay),
         "augment": str(config.augment),
+        "height_warp_p": repr(config.height_warp_p),
+        "ema": str(config.ema),
+        "keep_top": str(config.keep_top),
+        "init_from": str(config.init_from),
         FINGERPRINT_PARAM: data_fingerprint,
     }
 
@@ -269,6 +273,10 @@ class CvTracker:
     def log_fold_summary(self, run_id: str, best_score: float, best_epoch: int) -> None:
         """``best_val_score`` and ``best_epoch`` of a finished fold."""
         self._log(run_id, metrics={"best_val_score": best_score, "best_epoch": best_epoch})
+
+    def log_params(self, run_id: str, params: dict[str, object]) -> None:
+        """More params of a run (a fold's ``r2`` city means, the parent fold run it started from)."""
+        self._log(run_id, params={key: str(value) for key, value in params.items()})
 
     def log_cv_scores(self, cv_run_id: str, scores: dict) -> None:
         """``cv_score`` and ``cv_score_{CITY}`` from a ``GeoposeMetric.compute()`` over all OOF files."""

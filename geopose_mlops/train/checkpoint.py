@@ -34,6 +34,7 @@ def save_checkpoint(
     best_score: float,
     best_epoch: int,
     metrics: dict[str, float] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint atomically (temporary file, then rename) and return its path.
 
@@ -48,6 +49,7 @@ def save_checkpoint(
         best_score: Best validation score so far.
         best_epoch: Epoch of ``best_score``.
         metrics: The finished epoch's logged metrics.
+        extra: More entries to store (``last.pt``: ``ema`` weights, ``top_k`` kept epochs).
     """
     state = {
         "format": CHECKPOINT_FORMAT,
@@ -60,6 +62,7 @@ def save_checkpoint(
         "best_score": float(best_score),
         "best_epoch": int(best_epoch),
         "metrics": {k: float(v) for k, v in (metrics or {}).items()},
+        **(extra or {}),
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)

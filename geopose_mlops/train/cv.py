@@ -19,10 +19,10 @@ import pandas as pd
 import torch
 
 from geopose_mlops.config import TrainConfig, load_json_config
-from geopose_mlops.constants import CONFIG_JSON, DEFAULT_EXPERIMENT, FOLDS_CSV, FOLDS_FILE_TAG
+from geopose_mlops.constants import CONFIG_JSON, DEFAULT_EXPERIMENT, FOLDS_CSV, FOLDS_FILE_TAG, INIT_FROM_TAG
 from geopose_mlops.data.cache import SampleCache
 from geopose_mlops.errors import ConfigError
-from geopose_mlops.train import distributed
+from geopose_mlops.train import distributed, staged
 from geopose_mlops.train.data import PreparedData, check_data_dir, prepare_data
 from geopose_mlops.train.fold import EpochCallback, FoldRequest, FoldResult, train_fold
 from geopose_mlops.train.local_copy import LocalFolder, local_folder
@@ -190,6 +190,9 @@ def _open_cv_run(
     if missing:
         raise ConfigError(f"folds {missing} have no images in the folds table (k={config.k})")
     tags = request.tags if request.resume_run_id else {**(request.tags or {}), FOLDS_FILE_TAG: data.folds_source}
+    if config.init_from and not request.resume_run_id:  # a parent stage it cannot start from: before any run
+        staged.check_init_from(tracker, config, data.folds_table, context)
+        tags[INIT_FROM_TAG] = config.init_from
     cv_run_id = tracker.start_cv_run(config, data.cache.fingerprint, request.parent_run_id, run_id, tags)
     cv_run_id = distributed.broadcast_from_main(cv_run_id, context)
     if context.is_main:  # the data's true heights, stored once for every architecture (tracking/truth.py)

@@ -9,6 +9,13 @@ local ``last.pt`` (``train/local_copy.py``) with no epoch missing from the log o
 and files kept locally that the store lacks are stored first, the store never holds a ``last.pt`` newer
 than its metrics, epochs after it are trained again without being logged again, and the checkpoint
 carries its own epoch's metrics (for runs stored by earlier versions, which uploaded the files first).
+
+Validated and stored as ``best.pt``: the weights' moving average with ``ema``, else the weights. With
+``keep_top`` K the average of the K best epochs is validated after the last epoch; ``best.pt`` is the
+better of it and the best epoch, as the last epoch's ``best_is_top_k_average`` (0/1) and
+``top_k_val_score`` say (``train/averaging.py``). A fold with no checkpoint of its own starts from the
+parent stage's ``best.pt`` with ``init_from`` (``train/staged.py``); loss ``r2`` uses the city means of
+the fold's training rows, logged as params.
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ from geopose_mlops.config import TrainConfig
 from geopose_mlops.constants import BEST_NAME, LAST_NAME
 from geopose_mlops.data.dataset import GeoposeDataset
 from geopose_mlops.errors import ConfigError, GeoposeError
-from geopose_mlops.train import distributed, loop
+from geopose_mlops.models.losses import CityMeans
+from geopose_mlops.train import distributed, loop, staged
+from geopose_mlops.train.averaging import WeightAverages
 from geopose_mlops.train.checkpoint import save_checkpoint
 from geopose_mlops.train.data import PreparedData
 from geopose_mlops.train.local_copy import kept_records, send_kept_records
@@ -68,7 +77,10 @@ class FoldRequest:
 
 @dataclass
 class FoldResult:
-    """One finished fold: its run, best validation score and epoch."""
+    """One finished fold: its run, the score of its ``best.pt`` and the best single epoch.
+
+    With ``keep_top`` the score may be that of the top-K average (then above the best epoch's).
+    """
 
     run_id: str
     best_score: float
@@ -84,6 +96,13 @@ class FoldModel:
     optimizer: torch.optim.Optimizer
     loss_fn: loop.LossFn
     train_model: nn.Module  # what trains: ``model`` in DDP across ranks (once the run is open), else itself
+    city_means: CityMeans | None = None  # the ``r2`` loss's, from the fold's training rows
+    averages: WeightAverages = field(default_factory=WeightAverages)  # ``ema``, ``keep_top``: once the run is open
+
+    @property
+    def scored(self) -> nn.Module:
+        """What is validated and stored as ``best.pt``: the moving average when on, else ``model``."""
+        return self.averages.scored(self.model)
 
 
 @dataclass(frozen=True)
@@ -142,7 +161,7 @@ def train_fold(
         raise ConfigError("on_epoch_end (tuning) runs in one process per trial; start more tune workers instead")
     train_ids, val_ids, accumulation_steps = _split_fold(request, context)
     seed_everything(request.config.seed * 1000 + request.fold)
-    parts = _build_model(request.config, context.device)
+    parts = _build_model(request, train_ids, context.device)
     progress = _open_fold_run(request, tracker, parts, context)
     loaders = _build_loaders(request, train_ids, val_ids, accumulation_steps, context)
     config, fold = request.config, request.fold
@@ -184,16 +203,20 @@ def _split_fold(request: FoldRequest, context: distributed.DistributedContext) -
     return train_ids, val_ids, accumulation_steps
 
 
-def _build_model(config: TrainConfig, device: torch.device) -> FoldModel:
-    """The fold's model (on ``device``), precision, optimiser and loss."""
+def _build_model(request: FoldRequest, train_ids: list, device: torch.device) -> FoldModel:
+    """The fold's model (on ``device``), precision, optimiser and loss (``r2``: the training rows' city means)."""
     from geopose_mlops.models import losses
     from geopose_mlops.models.factory import build_model
 
+    config, cache = request.config, request.data.cache
     model = build_model(config.model).to(device, memory_format=loop.memory_format(device))
     precision = loop.make_precision(device, config.amp)
     optimizer = loop.build_optimizer(model, config.lr, config.weight_decay)
-    loss_fn = losses.build_loss(config.loss)
-    return FoldModel(model, precision, optimizer, loss_fn, train_model=model)
+    means = None
+    if config.loss == "r2":  # the training rows only: nothing of the validation fold leaks into the loss
+        means = losses.city_means_from(cache.agl, cache.scale, cache.city_index, rows=cache.rows(train_ids))
+    loss_fn = losses.build_loss(config.loss, city_means=means)
+    return FoldModel(model, precision, optimizer, loss_fn, train_model=model, city_means=means)
 
 
 def _open_fold_run(
@@ -201,7 +224,9 @@ def _open_fold_run(
 ) -> FoldProgress:
     """Create the fold run, or reopen it and load its last checkpoint into ``parts``; where the fold stands.
 
-    Then ``parts.train_model`` is wrapped for DDP (which broadcasts rank 0's weights).
+    A fold without a checkpoint starts from the parent stage's ``best.pt`` (``init_from``, on rank 0). Then
+    ``parts.train_model`` is wrapped for DDP (which broadcasts rank 0's weights) and the weight averages
+    start: from the checkpoint's, else from those weights.
     """
     resuming = request.fold_run_id is not None
     kept = kept_records(tracker, request.fold_run_id, request.work_dir) if resuming and context.is_main else None
@@ -210,6 +235,8 @@ def _open_fold_run(
         fingerprint, precision = request.data.cache.fingerprint, parts.precision.name
         run_id = tracker.start_fold_run(request.cv_run_id, request.fold, request.config, fingerprint, precision)
         progress = FoldProgress(distributed.broadcast_from_main(run_id, context))
+        if parts.city_means is not None:
+            tracker.log_params(progress.run_id, parts.city_means.as_params())
     else:
         progress = FoldProgress(request.fold_run_id)
         tracker.reopen(progress.run_id)
@@ -221,7 +248,12 @@ def _open_fold_run(
         parts.precision.scaler.load_state_dict(state["scaler"])
         progress.start_epoch, progress.best_score = state["epoch"] + 1, state["best_score"]
         progress.best_epoch = state["best_epoch"]
+    elif request.config.init_from and context.is_main:
+        weights, source = staged.parent_weights(tracker, request.config, request.fold, request.work_dir / "init")
+        parts.model.load_state_dict(weights)
+        tracker.log_params(progress.run_id, {"init_from_fold_run": source})
     parts.train_model = distributed.wrap_model(parts.model, context)
+    parts.averages = WeightAverages.start(parts.model, request.config.ema, request.config.keep_top, state)
     # On resume from an older last.pt, epochs after it were logged by the interrupted run: they are
     # trained again (same seeds) but not logged twice.
     if resuming and context.is_main:
@@ -242,7 +274,7 @@ def _build_loaders(
     if config.augment:
         from geopose_mlops.data.augment import build_train_augmentation
 
-        augmentation = build_train_augmentation(crop_size=config.crop_size)
+        augmentation = build_train_augmentation(crop_size=config.crop_size, height_warp_p=config.height_warp_p)
     train_set = GeoposeDataset(cache, cache.rows(train_ids), augmentation)
     seed = config.seed * 1000 + request.fold
     sampler = distributed.ShardedEpochSampler(len(train_set), seed, context, config.batch_size)
@@ -251,6 +283,14 @@ def _build_loaders(
     val_loader = loop.make_loader(GeoposeDataset(cache, val_rows), config.batch_size, config.num_workers)
     steps_per_epoch = math.ceil(len(train_loader) / accumulation_steps)
     return FoldLoaders(sampler, train_loader, val_loader, accumulation_steps, steps_per_epoch)
+
+
+@dataclass
+class BestWeights:
+    """New weights for ``best.pt`` and their validation predictions (None on ranks other than 0)."""
+
+    module: nn.Module
+    oof: OofPredictions | None
 
 
 def _run_epoch(
@@ -263,17 +303,41 @@ def _run_epoch(
     recorder: FoldRecorder,
     context: distributed.DistributedContext,
 ) -> dict[str, float]:
-    """Train and validate one epoch, write its checkpoints and hand them to ``recorder``; its metrics."""
-    config = request.config
+    """Train and validate one epoch (after the last, the top-K average too), write its checkpoints; its metrics."""
     start = time.perf_counter()
     loaders.sampler.set_epoch(epoch)
+    result = _train_epoch(request, epoch, parts, loaders, progress)
+    oof, metrics = _validate(parts.scored, loaders, parts.precision, context)
+    mine = len(loaders.sampler)  # this rank's training images
+    loss_sum, images = distributed.reduce_sum([result.train_loss * mine, mine], context)
+    metrics.update(train_loss=loss_sum / images, lr=result.lr)
+    best = None
+    if progress.best_epoch < 0 or metrics["val_score"] > progress.best_score:
+        progress.best_score, progress.best_epoch = metrics["val_score"], epoch
+        best = BestWeights(parts.scored, oof)
+    if parts.averages.top_k is not None:
+        parts.averages.top_k.offer(epoch, metrics["val_score"], parts.scored.state_dict())
+        if epoch == request.config.epochs - 1:
+            best = _top_k_average(parts, loaders, progress, metrics, context) or best
+    metrics["epoch_seconds"] = time.perf_counter() - start
+    if context.is_main:  # the other ranks hold the same weights and no predictions to store
+        recorder.wait()  # the files below are rewritten: the last epoch's upload must be done
+        _write_checkpoints(request, epoch, metrics, parts=parts, progress=progress, recorder=recorder, best=best)
+    return metrics
+
+
+def _train_epoch(
+    request: FoldRequest, epoch: int, parts: FoldModel, loaders: FoldLoaders, progress: FoldProgress
+) -> loop.EpochResult:
+    """One pass over this rank's training images; the moving average follows every optimiser step."""
+    config = request.config
     total_steps = loaders.steps_per_epoch * config.epochs
 
     def lr_at_step(step: int) -> float:
         return loop.learning_rate(step, total_steps, config.lr)
 
     try:
-        result = loop.train_one_epoch(  # through the module: bench/bench_tracking.py wraps it
+        return loop.train_one_epoch(  # through the module: bench/bench_tracking.py wraps it
             parts.train_model,
             loaders.train,
             parts.optimizer,
@@ -283,25 +347,38 @@ def _run_epoch(
             lr_at_step,
             first_step=epoch * loaders.steps_per_epoch,
             epoch=epoch,
+            on_step=parts.averages.on_step(parts.model),
         )
     except GeoposeError as err:
         kept = f"epoch {epoch - 1}" if epoch > 0 else "none yet"
         raise GeoposeError(f"fold {request.fold} (run {progress.run_id}): {err} Last good checkpoint: {kept}.") from err
-    oof = distributed.gather_oof(loop.predict_validation(parts.model, loaders.val, parts.precision), context)
+
+
+def _validate(
+    model: nn.Module, loaders: FoldLoaders, precision: loop.Precision, context: distributed.DistributedContext
+) -> tuple[OofPredictions | None, dict[str, float]]:
+    """Validate ``model`` on this rank's share: the predictions gathered on rank 0, the metrics on every rank."""
+    oof = distributed.gather_oof(loop.predict_validation(model, loaders.val, precision), context)
     metrics = loop.validation_metrics(oof.score()) if context.is_main else None
-    metrics = distributed.broadcast_from_main(metrics, context)  # every rank takes the same decisions
-    mine = len(loaders.sampler)  # this rank's training images
-    loss_sum, images = distributed.reduce_sum([result.train_loss * mine, mine], context)
-    metrics.update(train_loss=loss_sum / images, lr=result.lr)
-    improved = progress.best_epoch < 0 or metrics["val_score"] > progress.best_score
-    if improved:
-        progress.best_score, progress.best_epoch = metrics["val_score"], epoch
-    metrics["epoch_seconds"] = time.perf_counter() - start
-    if context.is_main:  # the other ranks hold the same weights and no predictions to store
-        recorder.wait()  # the files below are rewritten: the last epoch's upload must be done
-        _write_checkpoints(request, epoch, metrics, parts=parts, progress=progress, recorder=recorder,
-                           improved_oof=oof if improved else None)  # fmt: skip
-    return metrics
+    return oof, distributed.broadcast_from_main(metrics, context)  # every rank takes the same decisions
+
+
+def _top_k_average(
+    parts: FoldModel,
+    loaders: FoldLoaders,
+    progress: FoldProgress,
+    metrics: dict[str, float],
+    context: distributed.DistributedContext,
+) -> BestWeights | None:
+    """Validate the kept epochs' average weights (its score goes into ``metrics``); it, if it beats the best epoch."""
+    averaged = parts.averages.top_k.average_model(parts.scored)
+    oof, scores = _validate(averaged, loaders, parts.precision, context)
+    wins = scores["val_score"] > progress.best_score
+    metrics.update(top_k_val_score=scores["val_score"], best_is_top_k_average=float(wins))
+    if not wins:
+        return None
+    progress.best_score = scores["val_score"]  # progress.best_epoch stays the best single epoch
+    return BestWeights(averaged, oof)
 
 
 def _write_checkpoints(
@@ -312,18 +389,19 @@ def _write_checkpoints(
     parts: FoldModel,
     progress: FoldProgress,
     recorder: FoldRecorder,
-    improved_oof: OofPredictions | None,
+    best: BestWeights | None,
 ) -> None:
-    """Write ``last.pt`` (and ``best.pt`` and ``oof/`` when the score improved) and hand them to ``recorder``."""
+    """Write ``last.pt`` (and ``best.pt`` and ``oof/`` from ``best``) and hand them to ``recorder``."""
     work_dir = request.work_dir
     progress_state = (request.config, request.fold, epoch, progress.best_score, progress.best_epoch)
-    best = oof_dir = None
-    if improved_oof is not None:
+    best_path = oof_dir = None
+    if best is not None:
         # best.pt serves predictions and ensembles: weights only, a third of last.pt's size
         # (AdamW keeps two moments per weight). Resume reads last.pt.
-        best = save_checkpoint(work_dir / BEST_NAME, parts.model, None, None, *progress_state)
-        oof_dir = improved_oof.save(work_dir / "oof")
+        best_path = save_checkpoint(work_dir / BEST_NAME, best.module, None, None, *progress_state)
+        oof_dir = best.oof.save(work_dir / "oof")
+    extra = parts.averages.checkpoint_entries()  # resume continues the averages
     last = save_checkpoint(
-        work_dir / LAST_NAME, parts.model, parts.optimizer, parts.precision.scaler, *progress_state, metrics
+        work_dir / LAST_NAME, parts.model, parts.optimizer, parts.precision.scaler, *progress_state, metrics, extra
     )
-    recorder.record_epoch(epoch, metrics, last, best, oof_dir)
+    recorder.record_epoch(epoch, metrics, last, best_path, oof_dir)

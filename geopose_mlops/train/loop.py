@@ -210,6 +210,7 @@ def train_one_epoch(
     epoch: int = 0,
     batchnorm_frozen: bool = False,
     grad_clip: float | None = GRAD_CLIP_NORM,
+    on_step: Callable[[], None] | None = None,
 ) -> EpochResult:
     """Train for one pass over ``loader``.
 
@@ -225,6 +226,7 @@ def train_one_epoch(
         epoch: The epoch number, for error messages.
         batchnorm_frozen: Keep batch-norm layers in eval mode (e.g. with tiny micro-batches).
         grad_clip: Clip the global gradient norm to this (None: no clipping).
+        on_step: Called after every optimiser step (e.g. ``EmaWeights.update``).
 
     Raises:
         GeoposeError: The loss became NaN or infinite (the weights are left as before that step).
@@ -270,6 +272,8 @@ def train_one_epoch(
             precision.scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if on_step is not None:
+                on_step()
     return EpochResult(
         train_loss=loss_sum / max(images, 1),
         lr=lr,

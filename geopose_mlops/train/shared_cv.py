@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from geopose_mlops.config import ModelConfig, TrainConfig
-from geopose_mlops.constants import DEFAULT_EXPERIMENT, FOLDS_FILE_TAG
+from geopose_mlops.constants import DEFAULT_EXPERIMENT, FOLDS_FILE_TAG, INIT_FROM_TAG
 from geopose_mlops.errors import ConfigError, DataError, GeoposeError
 from geopose_mlops.train.cv import CvResult, finished_fold, load_cv_run, run_folds, score_cv
 from geopose_mlops.train.data import check_data_dir, prepare_data
@@ -34,6 +34,7 @@ from geopose_mlops.train.distributed import DistributedContext
 from geopose_mlops.train.fold import FoldResult, default_device
 from geopose_mlops.train.local_copy import local_folder
 from geopose_mlops.train.recorder import RunOutcome
+from geopose_mlops.train.staged import check_init_from
 from geopose_mlops.train.tracker import Tracker
 
 SHARED_TAG = "geopose.shared_cv"  # "true" on a cv run whose folds are trained by separate workers
@@ -69,6 +70,9 @@ def start_shared_cv(
     tracker = CvTracker(experiment)
     data = prepare_data(config, cache_root)
     tags = {SHARED_TAG: "true", FOLDS_FILE_TAG: data.folds_source}
+    if config.init_from:  # a parent stage it cannot start from: before any run
+        check_init_from(tracker, config, data.folds_table, DistributedContext())
+        tags[INIT_FROM_TAG] = config.init_from
     run_id = tracker.start_cv_run(config, data.cache.fingerprint, tags=tags)
     tracker.log_config(run_id, config)
     tracker.log_data(run_id, data.folds_table, config.data_dir, data.cache.fingerprint)

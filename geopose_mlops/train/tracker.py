@@ -71,6 +71,10 @@ class Tracker(Protocol):
         """``best_val_score`` and ``best_epoch`` of a finished fold."""
         ...
 
+    def log_params(self, run_id: str, params: dict[str, object]) -> None:
+        """More params of a run (e.g. a fold's ``r2`` city means, the parent fold run it started from)."""
+        ...
+
     def log_cv_scores(self, cv_run_id: str, scores: dict) -> None:
         """``cv_score`` and ``cv_score_{CITY}`` from a ``GeoposeMetric.compute()`` over all OOF files."""
         ...
@@ -158,6 +162,9 @@ class NullTracker:
         return []
 
     def log_fold_summary(self, run_id: str, best_score: float, best_epoch: int) -> None:
+        """Nothing."""
+
+    def log_params(self, run_id: str, params: dict[str, object]) -> None:
         """Nothing."""
 
     def log_cv_scores(self, cv_run_id: str, scores: dict) -> None:
