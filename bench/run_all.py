@@ -26,6 +26,9 @@ SCRIPTS: list[tuple[str, list[str]]] = [
     ("bench_ensemble_fit.py", ["--images", "8", "--size", "32", "--members", "2", "--repeats", "1"]),
     ("bench_tracking.py", ["--size", "32", "--images-per-city", "2", "--epochs", "2", "--repeats", "1"]),
     ("bench_pruning.py", ["--trials", "6"]),
+    ("bench_predict.py", ["--images", "1", "--size", "256", "--image-size", "128", "--members", "2", "--folds", "2",
+                          "--repeats", "1"]),
+    ("bench_cache.py", ["--images", "4", "--size", "256", "--image-size", "128", "--repeats", "1"]),
     ("bench_promote.py", ["--members", "2", "--folds", "1", "--encoder", "tu-mobilenetv3_small_050", "--repeats", "1",
                           "--no-reference"]),
 ]  # fmt: skip

@@ -535,7 +535,9 @@ def promote(ensemble_ref: str, name: str, alias: str, force: bool, experiment: s
     "--image-size", type=click.IntRange(32), default=None, help="Side to predict at, px (default: the training side)."
 )
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA where available), cpu, cuda or cuda:N.")
-@click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True, help="Images per forward pass.")
+@click.option(
+    "--batch-size", type=click.IntRange(0), help="Images per forward pass (default or 0: 1 on the CPU, 8 on CUDA)."
+)
 @click.option("--workers", type=click.IntRange(0), help="Decoding processes (default or 0: the usable cores).")
 @click.option(
     "--amp/--no-amp", default=True, show_default=True, help="Mixed precision as in training (--no-amp: fp32)."
@@ -547,7 +549,7 @@ def predict(
     tta: str,
     image_size: int | None,
     device: str,
-    batch_size: int,
+    batch_size: int | None,
     workers: int | None,
     amp: bool,
 ) -> None:
@@ -558,7 +560,7 @@ def predict(
     resolve_device(device)  # a bad --device fails before any model is loaded
     predictor = load_predictor(model_uri).to(device, amp)
     done = predict_folder(
-        predictor, images_dir, out_dir, tta, image_size=image_size, say=click.echo, batch_size=batch_size,
+        predictor, images_dir, out_dir, tta, image_size=image_size, say=click.echo, batch_size=batch_size or None,
         workers=workers or None,
     )  # fmt: skip
     click.echo(f"wrote {len(done)} prediction(s) to {out_dir} ({predictor.device}, {predictor.precision.name})")

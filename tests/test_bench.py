@@ -20,6 +20,11 @@ FIGURES = {
     "tracking_overhead",
     "pruning_epoch_reduction",
     "pruning_best_value_difference",
+    "predict_speedup_cpu_none",
+    "predict_output_difference_none",
+    "predict_speedup_cpu_d4",
+    "predict_output_difference_d4",
+    "cache_build_speedup_2_processes",
     "promote_seconds_4_checkpoints",
     "promote_seconds_per_checkpoint",
 }
