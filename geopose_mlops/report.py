@@ -31,7 +31,7 @@ MAX_DEFAULT_EPOCH_COLUMNS = 4
 
 # Hyper-parameters that make two cv runs "the same architecture" (SPEC §4 parent params).
 KEY_PARAMS: tuple[str, ...] = (
-    "decoder", "encoder", "encoder_weights", "lr", "effective_batch_size", "image_size", "amp",
+    "decoder", "encoder", "encoder_weights", "lr", "effective_batch_size", "image_size", "amp", "init_from",
 )
 
 
@@ -58,6 +58,25 @@ def architecture_label(run: CvRun) -> str:
 def _effective_batch_size(run: CvRun) -> str:
     value = run.param("effective_batch_size")
     return value if value not in ("", "None") else run.param("batch_size")
+
+
+def _parent(run: CvRun) -> str:
+    """The cv run this one started from (``--init-from``), or ``""``."""
+    value = run.param("init_from")
+    return "" if value in ("", "None") else value
+
+
+def stage_chain(run: CvRun, runs: Sequence[CvRun]) -> str:
+    """The stages before ``run`` (``--init-from``), oldest first, as short ids: ``1a2b3c4d > 5e6f7a8b``.
+
+    ``""`` for a run trained from scratch; a parent not among ``runs`` ends the chain (its id still shown).
+    """
+    parents = {r.run_id: _parent(r) for r in runs}
+    chain, parent = [], _parent(run)
+    while parent and parent not in chain:
+        chain.append(parent)
+        parent = parents.get(parent, "")
+    return " > ".join(p[:8] for p in reversed(chain))
 
 
 def _precision(run: CvRun) -> str:
@@ -100,27 +119,32 @@ def default_epochs(runs: Sequence[CvRun]) -> list[int]:
 def group_architectures(runs: Sequence[CvRun]) -> list[CvRun]:
     """One cv run per architecture: among runs with equal key params, the one with the best ``cv_score``."""
     best: dict[tuple[str, ...], CvRun] = {}
+    special = {"effective_batch_size": _effective_batch_size, "init_from": _parent}
     for run in runs:
-        key = tuple(_effective_batch_size(run) if k == "effective_batch_size" else run.param(k) for k in KEY_PARAMS)
+        key = tuple(special[k](run) if k in special else run.param(k) for k in KEY_PARAMS)
         held = best.get(key)
         if held is None or _score_or_low(run) > _score_or_low(held):
             best[key] = run
     return list(best.values())
 
 
-def build_leaderboard(runs: Sequence[CvRun], epochs: Sequence[int]) -> list[dict[str, object]]:
+def build_leaderboard(
+    runs: Sequence[CvRun], epochs: Sequence[int], all_runs: Sequence[CvRun] | None = None
+) -> list[dict[str, object]]:
     """Leaderboard rows, best ``cv_score`` first (runs without one last).
 
     Args:
         runs: Finished cv runs with their fold runs (one per architecture; see ``group_architectures``).
         epochs: 1-based epochs at which to report the fold-mean ``val_score`` (columns ``score@e{N}``).
+        all_runs: Every cv run, to follow the ``init_from`` chains through (None: ``runs``).
 
     Returns:
         One dict per architecture with the keys ``decoder, encoder, encoder_weights, lr,
         effective_batch_size, image_size, precision, sec_per_epoch`` (s, mean ``epoch_seconds`` over
-        every epoch of every fold), ``score@e{N}`` (mean over folds of ``val_score`` at that epoch,
-        NaN unless every fold reached it), ``cv_score`` (out-of-fold, best epochs), ``cv_score_{CITY}``
-        for every city any run has, ``folds`` and ``run_id``.
+        every epoch of every fold), ``stages`` (the ``--init-from`` chain before it, ``stage_chain``),
+        ``score@e{N}`` (mean over folds of ``val_score`` at that epoch, NaN unless every fold reached it),
+        ``cv_score`` (out-of-fold, best epochs), ``cv_score_{CITY}`` for every city any run has, ``folds``
+        and ``run_id``.
     """
     cities = [c for c in CITIES if any(f"cv_score_{c}" in r.metrics for r in runs)]
     rows = []
@@ -135,6 +159,7 @@ def build_leaderboard(runs: Sequence[CvRun], epochs: Sequence[int]) -> list[dict
             "image_size": run.param("image_size"),
             "precision": _precision(run),
             "sec_per_epoch": sum(seconds) / len(seconds) if seconds else math.nan,
+            "stages": stage_chain(run, all_runs if all_runs is not None else runs),
         }
         for epoch in epochs:
             row[f"score@e{epoch}"] = _mean_if_complete([score_at_epoch(f, epoch) for f in run.folds])
@@ -295,7 +320,7 @@ def make_report(experiment: str = DEFAULT_EXPERIMENT, out_dir: Path | str = "rep
     out.mkdir(parents=True, exist_ok=True)
     architectures = group_architectures(cv_runs)
     chosen = list(epochs) if epochs is not None else default_epochs(architectures)
-    rows = build_leaderboard(architectures, chosen)
+    rows = build_leaderboard(architectures, chosen, cv_runs)
     paths = list(write_leaderboard(rows, out, experiment))
     paths.append(plot_validation_curves(architectures, out / CURVES_PNG))
     if ensembles:

@@ -23,6 +23,7 @@ from geopose_mlops.data.folds import make_folds
 from geopose_mlops.data.layout import find_samples
 from geopose_mlops.errors import ConfigError
 from geopose_mlops.models.losses import city_means_from
+from geopose_mlops.report import make_report
 from geopose_mlops.train import loop
 from geopose_mlops.train.averaging import EmaWeights, TopKWeights, average_state_dicts
 from geopose_mlops.train.checkpoint import load_checkpoint
@@ -218,6 +219,8 @@ def test_init_from_starts_each_fold_from_its_parent_folds_best_checkpoint(synthe
         assert best["fold"] == fold
         for name, value in best["model"].items():
             assert torch.equal(weights[name], value), (fold, name)
+    rows = {row["run_id"]: row for row in make_report("staged", tmp_path / "report").rows}
+    assert (rows[child.run_id]["stages"], rows[parent.run_id]["stages"]) == (parent.run_id[:8], "")  # the chain
 
 
 @pytest.mark.slow
