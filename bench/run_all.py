@@ -31,6 +31,7 @@ SCRIPTS: list[tuple[str, list[str]]] = [
     ("bench_cache.py", ["--images", "4", "--size", "256", "--image-size", "128", "--repeats", "1"]),
     ("bench_promote.py", ["--members", "2", "--folds", "1", "--encoder", "tu-mobilenetv3_small_050", "--repeats", "1",
                           "--no-reference"]),
+    ("bench_scale.py", ["--size", "128", "--image-size", "64", "--workers", "1"]),
 ]  # fmt: skip
 
 

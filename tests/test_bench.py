@@ -27,6 +27,7 @@ FIGURES = {
     "cache_build_speedup_2_processes",
     "promote_seconds_4_checkpoints",
     "promote_seconds_per_checkpoint",
+    "oof_bytes_per_image_per_architecture_1024",
 }
 if importlib.util.find_spec("geopose_mlops.ensemble.fit") is not None:
     # run_all skips the ensemble figure where that module is not in the checkout yet.

@@ -149,6 +149,19 @@ class EpochUploads:
             self._pool.shutdown(wait=True)
 
 
+def _is_store_error(error: Exception) -> bool:
+    """Whether a fold failed on the tracking store.
+
+    MLflow is imported only here, once a fold has failed, so a fold with a store-less tracker (``NullTracker``)
+    runs where MLflow is not installed (bench/gpu_check.py on a bare GPU host).
+    """
+    try:
+        from geopose_mlops.tracking.store import is_store_error
+    except ModuleNotFoundError:  # no MLflow here: not a tracking-store error
+        return False
+    return is_store_error(error)
+
+
 class FoldRecorder:
     """The records of one fold run: its epochs' metrics and checkpoints, stored in order, and its outcome.
 
@@ -184,11 +197,9 @@ class FoldRecorder:
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        from geopose_mlops.tracking.store import is_store_error
-
         if isinstance(error, KeyboardInterrupt):
             self.outcome = RunOutcome.KILLED
-        elif isinstance(error, Exception) and is_store_error(error):
+        elif isinstance(error, Exception) and _is_store_error(error):
             self.outcome = RunOutcome.LEFT_OPEN
         self.close()
 
