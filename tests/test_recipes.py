@@ -248,3 +248,35 @@ def test_init_from_refuses_a_run_with_other_folds_or_another_model(synthetic_dat
         run_cross_validation(
             _tiny_config(synthetic_data, init_from="nope"), experiment="staged", cache_root=cache, progress=False
         )
+
+
+@pytest.mark.slow
+def test_a_resumed_fold_continues_its_weight_averages(synthetic_data, tmp_path):
+    """Stopped after epoch 1 and resumed: the kept epochs and the moving average come back from last.pt."""
+    torch.set_num_threads(1)
+    config = _tiny_config(synthetic_data, epochs=3, folds=(0,), ema=0.5, keep_top=3)
+
+    def stop_after_epoch_1(fold, epoch, metrics):
+        if epoch == 1:
+            raise KeyboardInterrupt("stop")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_cross_validation(
+            config, experiment="resume", cache_root=tmp_path / "cache", on_epoch_end=stop_after_epoch_1, progress=False
+        )
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("resume").experiment_id
+    (cv_run,) = client.search_runs([experiment], "tags.`geopose.kind` = 'cv'")
+    (stopped_fold,) = client.search_runs([experiment], "tags.`geopose.kind` = 'fold'")
+    stopped = _checkpoint(stopped_fold.info.run_id, LAST_NAME, tmp_path / "stopped")
+    assert stopped["epoch"] == 1 and sorted(entry["epoch"] for entry in stopped["top_k"]) == [0, 1]
+    result = run_cross_validation(
+        config, experiment="resume", resume_run_id=cv_run.info.run_id, cache_root=tmp_path / "cache", progress=False
+    )
+    fold_run = result.folds[0].run_id
+    assert sorted(m.step for m in client.get_metric_history(fold_run, "val_score")) == [0, 1, 2]
+    last = _checkpoint(fold_run, LAST_NAME, tmp_path / "resumed")
+    assert sorted(entry["epoch"] for entry in last["top_k"]) == [0, 1, 2]  # epochs 0 and 1 kept across the stop
+    for entry in stopped["top_k"]:
+        kept = next(e for e in last["top_k"] if e["epoch"] == entry["epoch"])
+        assert all(torch.equal(kept["state"][n], v) for n, v in entry["state"].items())
