@@ -490,13 +490,47 @@ def ensemble() -> None:
 )
 @click.option("--run-ids", default="", help="Comma-separated cv run ids instead of a search.")
 @click.option("--max-members", type=click.IntRange(1), default=None, help="Keep the N best cv runs.")
-@click.option("--method", type=click.Choice(["simplex", "caruana", "equal"]), default="simplex", show_default=True)
-def ensemble_fit(experiment: str, filter_string: str, run_ids: str, max_members: int | None, method: str) -> None:
-    """Fit weights, city height factors and a scale model on OOF predictions; log an ensemble run."""
+@click.option(
+    "--method",
+    type=click.Choice(["simplex", "caruana", "equal"]),
+    default="simplex",
+    show_default=True,
+    help="Weights of the members' height, scale and angle: simplex (SLSQP on the exact score), caruana (greedy "
+    "selection with replacement) or equal. Every method also fits city factors and a scale model unless switched off.",
+)
+@click.option(
+    "--city-factors/--no-city-factors",
+    default=True,
+    show_default=True,
+    help="Fit a height factor per city; kept for a city only where a nested fold check says it helps and it lies "
+    "in [0.5, 2] (a factor outside is refused with a warning naming the city).",
+)
+@click.option(
+    "--scale-model/--no-scale-model",
+    default=True,
+    show_default=True,
+    help="Fit an XGBoost model of scale from gsd, city and the ensemble's scale; kept only if its nested "
+    "predictions raise the score.",
+)
+def ensemble_fit(
+    experiment: str,
+    filter_string: str,
+    run_ids: str,
+    max_members: int | None,
+    method: str,
+    city_factors: bool,
+    scale_model: bool,
+) -> None:
+    """Fit weights (and, unless switched off, city height factors and a scale model) on OOF predictions.
+
+    Logs an ``ensemble`` run holding ensemble.json with what was fitted and its out-of-fold score.
+    """
     from geopose_mlops.ensemble.members import fit_tracked_ensemble
 
     ids = [r for r in run_ids.split(",") if r] or None
-    run_id, spec = fit_tracked_ensemble(experiment, filter_string, ids, max_members, method)
+    run_id, spec = fit_tracked_ensemble(
+        experiment, filter_string, ids, max_members, method, city_factors=city_factors, scale_model=scale_model
+    )
     click.echo(
         f"ensemble run {run_id}: oof_score {spec.oof_score:.4f} (best member {spec.best_member_oof_score:.4f}, "
         f"equal weights {spec.equal_weights_oof_score:.4f})"
