@@ -7,7 +7,9 @@ lock held by another thread of the caller (torch's OpenMP pool, MLflow's upload 
 bar's monitor), which plain ``fork`` could. The server imports the decoding modules once and each
 worker is then forked from it in milliseconds; only the first pool of a process pays for starting the
 server (about a second here). Workers ignore SIGINT: the caller takes Ctrl-C, cancels what has not
-started, waits for what has, and cleans up.
+started, waits for what has, and cleans up. As with any spawn or forkserver pool, the workers import
+the caller's main module, so a script that builds a cache must keep its top level under
+``if __name__ == "__main__":`` (the ``geopose-ml`` commands do).
 """
 
 from __future__ import annotations
