@@ -231,10 +231,13 @@ def _decode_rows(tmp: Path, samples: Sequence[Sample], size: int, workers: int, 
         for future in as_completed(futures):
             future.result()  # a worker's unexpected error (not a DataError) stops the build here
             bar.update()
-        return [future.result() for future in futures]
     finally:
         # On an error or Ctrl-C: rows not started are dropped, the ones being decoded are waited for.
         pool.shutdown(wait=True, cancel_futures=True)
+    for name in ("rgb", "agl"):  # the workers' rows to disk before the entry is renamed into place
+        with open(tmp / f"{name}.npy", "rb+") as handle:
+            os.fsync(handle.fileno())
+    return [future.result() for future in futures]
 
 
 def _decode_into(tmp: Path, samples: Sequence[Sample], image_size: int, progress: bool, workers: int) -> None:
