@@ -32,6 +32,7 @@ SCRIPTS: list[tuple[str, list[str]]] = [
     ("bench_promote.py", ["--members", "2", "--folds", "1", "--encoder", "tu-mobilenetv3_small_050", "--repeats", "1",
                           "--no-reference"]),
     ("bench_scale.py", ["--size", "128", "--image-size", "64", "--workers", "1"]),
+    ("bench_recipes.py", ["--images-per-city", "2", "--k", "2", "--epochs", "2", "--seeds", "1"]),
 ]  # fmt: skip
 
 

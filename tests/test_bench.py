@@ -27,6 +27,14 @@ FIGURES = {
     "cache_build_speedup_2_processes",
     "promote_seconds_4_checkpoints",
     "promote_seconds_per_checkpoint",
+    "recipe_mse_val_score",
+    "recipe_r2_val_score",
+    "recipe_huber_cos_val_score",
+    "recipe_mse_height_warp_val_score",
+    "recipe_mse_ema_val_score",
+    "recipe_mse_keep_top_3_val_score",
+    "recipe_staged_val_score",
+    "recipe_default_minus_baseline",
     "oof_bytes_per_image_per_architecture_1024",
 }
 if importlib.util.find_spec("geopose_mlops.ensemble.fit") is not None:
