@@ -284,6 +284,26 @@ def kept_city_factors(stats: PixelStatistics, variant: str, w: np.ndarray) -> tu
     return factors, honest
 
 
+def _kept_scale_model(
+    table: ImageTable,
+    stats: PixelStatistics,
+    variants: dict,
+    variant: str,
+    w: np.ndarray,
+    honest: np.ndarray | None,
+    scale_model_dir: str | Path | None,
+) -> tuple[str, str | None]:
+    """The variant to score and the scale model's file: kept (and saved) only if its nested predictions help."""
+    if _scale_model_variant(variant) not in stats.variants:
+        return variant, None
+    with_model = ensemble_score(stats, _scale_model_variant(variant), w, honest)["final_score"]
+    if with_model <= ensemble_score(stats, variant, w, honest)["final_score"]:
+        return variant, None
+    model = fit_scale_model(table.gsd, variants[variant][0], list(table.cities), table.scale_true)
+    model.save_model(str(Path(scale_model_dir) / SCALE_MODEL_FILE))
+    return _scale_model_variant(variant), SCALE_MODEL_FILE
+
+
 def fit_ensemble(
     table: ImageTable,
     method: str = "simplex",
@@ -323,13 +343,7 @@ def fit_ensemble(
     }
     w, variant = heights[method], chosen[method]
     factors, honest = kept_city_factors(stats, variant, w) if city_factors else ({}, None)
-    scored_variant, scale_model = variant, None
-    if _scale_model_variant(variant) in stats.variants:
-        with_model = ensemble_score(stats, _scale_model_variant(variant), w, honest)["final_score"]
-        if with_model > ensemble_score(stats, variant, w, honest)["final_score"]:
-            model = fit_scale_model(table.gsd, variants[variant][0], list(table.cities), table.scale_true)
-            model.save_model(str(Path(scale_model_dir) / SCALE_MODEL_FILE))
-            scored_variant, scale_model = _scale_model_variant(variant), SCALE_MODEL_FILE
+    scored_variant, scale_model = _kept_scale_model(table, stats, variants, variant, w, honest, scale_model_dir)
     final = ensemble_score(stats, scored_variant, w, honest)
     v, u = weights[variant]
     spec = EnsembleSpec(

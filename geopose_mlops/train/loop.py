@@ -198,6 +198,21 @@ class EpochResult:
     parts: dict[str, float]
 
 
+def optimizer_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision, lr: float, grad_clip: float | None
+) -> None:
+    """One optimiser step on the accumulated gradients at learning rate ``lr``, then clear them."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if grad_clip is not None:
+        # Gradients must be in true units (not fp16-scaled) before their norm is clipped.
+        precision.scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    precision.scaler.step(optimizer)
+    precision.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -262,15 +277,7 @@ def train_one_epoch(
         group_end = (index + 1) % accumulation_steps == 0 or index + 1 == n_batches
         if group_end:
             lr = lr_at_step(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if grad_clip is not None:
-                # Gradients must be in true units (not fp16-scaled) before their norm is clipped.
-                precision.scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            precision.scaler.step(optimizer)
-            precision.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(model, optimizer, precision, lr, grad_clip)
             step += 1
             if on_step is not None:
                 on_step()
