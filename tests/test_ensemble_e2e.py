@@ -22,8 +22,6 @@ from geopose_mlops.train.cv import run_cross_validation
 @pytest.mark.slow
 def test_fit_promote_predict_evaluate(tmp_path, monkeypatch) -> None:
     torch.set_num_threads(1)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     MlflowClient().create_experiment("e2e", artifact_location=(tmp_path / "artifacts").as_uri())
     data = tmp_path / "data"
     make_synthetic_dataset(data, 3, 64, 0, test_images_per_city=1)
@@ -140,7 +138,6 @@ def test_a_search_keeps_the_best_runs_data_and_names_the_runs_it_leaves_out(tmp_
     from geopose_mlops.ensemble.members import select_cv_runs
     from geopose_mlops.errors import ConfigError
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     client = MlflowClient()
     experiment = client.create_experiment("candidates", artifact_location=(tmp_path / "artifacts").as_uri())
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 import torch
@@ -37,7 +36,6 @@ def test_loss_turning_nan_stops_the_fold_and_keeps_the_last_good_checkpoint(
 ) -> None:
     """Epoch 0 trains normally; from the first micro-batch of epoch 1 on the loss is NaN."""
     torch.set_num_threads(1)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     real_build_loss = losses.build_loss
     calls = {"n": 0}
 

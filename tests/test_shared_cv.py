@@ -91,14 +91,12 @@ def test_two_workers_share_one_cv_and_the_last_logs_cv_score(tracking_stack, tmp
 def test_a_worker_refuses_options_that_would_train_its_fold_differently(tmp_path):
     """Every fold of a shared cv trains the cv run's configuration: a worker given another --epochs or --lr
     exits 2 naming both, before any fold run exists; the same values, or local options, are accepted."""
-    import mlflow
     from click.testing import CliRunner
     from mlflow.tracking import MlflowClient
 
     from geopose_mlops.cli import main
     from geopose_mlops.train.shared_cv import worker_config
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     data = tmp_path / "data"
     make_synthetic_dataset(data, images_per_city=2, size=64, seed=0, cities=("JAX", "OMA"))
     common = ["--data-dir", str(data), *TRAIN_OPTIONS, "--experiment", "shared-cv"]

@@ -113,7 +113,6 @@ def test_killed_and_resumed_fold_logs_every_epoch_once(data_dir, tmp_path, monke
     without logging it again).
     """
     torch.set_num_threads(1)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     config = TrainConfig(
         data_dir=str(data_dir),
         model=ModelConfig(encoder="resnet18"),
@@ -202,7 +201,6 @@ def test_stored_checkpoints_keep_their_content_when_training_rewrites_the_local_
     Either way the stored file keeps what was logged when training writes the next ``last.pt`` (and
     ``oof/``) over the local one, and logging again replaces it.
     """
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     if not links:
         def no_link(*args, **kwargs):
             raise OSError(18, "Invalid cross-device link")
@@ -240,7 +238,6 @@ def test_epoch_metrics_are_written_at_most_every_metrics_interval(data_dir, tmp_
     """``metrics_interval_s`` 0 writes each epoch's metrics on its own; a long one writes all three
     epochs in one request with the final checkpoints, each at its own step."""
     torch.set_num_threads(1)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     calls = []
     original = CvTracker.log_epochs
 
@@ -270,7 +267,6 @@ def test_a_fold_whose_summary_cannot_be_stored_fails_and_the_next_fold_never_sta
     """Storing fold 0's summary fails: its run ends FAILED, the error reaches the caller, and fold 1 has
     no run (the error stops the cross-validation before it is created, and is not charged to it)."""
     torch.set_num_threads(1)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
 
     def disk_full(self, run_id, best_score, best_epoch):
         raise OSError(28, "No space left on device")
@@ -314,7 +310,6 @@ def test_a_data_set_logged_by_two_runs_at_once_ends_up_linked_to_both(tmp_path, 
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     tracker = CvTracker("race")
     first, second = (tracker.client.create_run(tracker.experiment_id).info.run_id for _ in range(2))
     table = pd.DataFrame({"id": ["JAX_0", "OMA_0"], "city": ["JAX", "OMA"], "fold": [0, 1]})
@@ -352,7 +347,6 @@ def test_workers_creating_the_same_experiment_at_once_all_get_the_one_that_was_m
     one (RESOURCE_ALREADY_EXISTS), and that worker takes the experiment the other one made."""
     from geopose_mlops.tracking.experiments import experiment_id
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     made_by_the_other = MlflowClient().create_experiment("workers")
     looked_up = []
     original = MlflowClient.get_experiment_by_name
