@@ -16,6 +16,7 @@ files from a small thread pool.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import warnings
@@ -34,7 +35,7 @@ from geopose_mlops.constants import AGL, CHECKPOINT_DIR, CITIES, ENSEMBLE_JSON, 
 from geopose_mlops.data import io
 from geopose_mlops.data.augment import invert_geometric, transform_array
 from geopose_mlops.data.layout import Sample, find_samples, read_metadata, split_name
-from geopose_mlops.data.pool import usable_cores
+from geopose_mlops.data.pool import decode_threads, limit_decode_threads, usable_cores
 from geopose_mlops.ensemble.fit import EnsembleSpec, apply_scale_model
 from geopose_mlops.errors import ConfigError, DataError
 from geopose_mlops.train.loop import make_precision
@@ -230,6 +231,10 @@ def _as_list(items: list[dict]) -> list[dict]:
     return items
 
 
+def _start_decoder(threads: int, worker_id: int) -> None:
+    limit_decode_threads(threads)  # each DataLoader worker its share of the cores (``data.pool``)
+
+
 class _SubmissionWriter:
     """Writes each image's two files from a small thread pool, at most ``2 x threads`` images queued.
 
@@ -334,7 +339,10 @@ def predict_folder(
     if not todo:
         return []
     workers = min(usable_cores() if workers is None else workers, len(todo))
-    loader = DataLoader(_DecodedImages(todo, size), batch_size=batch_size, num_workers=workers, collate_fn=_as_list)
+    loader = DataLoader(
+        _DecodedImages(todo, size), batch_size=batch_size, num_workers=workers, collate_fn=_as_list,
+        worker_init_fn=functools.partial(_start_decoder, decode_threads(workers)),
+    )  # fmt: skip
     batches = iter(loader)  # forks the decoders now, before this call starts any thread of its own
     writer = _SubmissionWriter(out_dir, writers)
     # io silences rasterio's "no geotransform" warning inside warnings.catch_warnings, which is not

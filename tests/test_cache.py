@@ -13,6 +13,7 @@ from geopose_mlops.constants import CITIES
 from geopose_mlops.data import cache as cache_module
 from geopose_mlops.data import io, layout
 from geopose_mlops.data.cache import _ARRAYS, SampleCache, build_cache, cache_fingerprint, default_cache_root
+from geopose_mlops.data.pool import decode_pool, usable_cores
 from geopose_mlops.errors import BadFilesError
 
 SIZE = 64  # the fixture's source side
@@ -170,3 +171,9 @@ def test_a_parallel_build_interrupted_half_way_leaves_nothing_and_rebuilds_the_s
     rebuilt = build_cache(samples, root, CACHED, progress=False, workers=2)
     clean = build_cache(samples, data / "clean", CACHED, progress=False, workers=1)
     assert _entry_bytes(rebuilt) == _entry_bytes(clean)
+
+
+def test_each_decoding_process_uses_its_share_of_the_cores_for_gdal() -> None:
+    # GDAL decodes a JPEG 2000 on every core by default: a process per core must not each do so.
+    with decode_pool(2) as pool:
+        assert pool.submit(os.getenv, "GDAL_NUM_THREADS").result() == str(max(1, usable_cores() // 2))
