@@ -22,6 +22,14 @@ TINY_TRAIN = [
     "--metrics-interval", "0",  # each epoch's metrics in the store at once: the tests time kills on them
 ]  # fmt: skip
 
+# MLflow's client retries a failed request for minutes by default; a test (or an impatient user) may
+# shorten that through MLflow's own settings.
+FAST_FAILURE = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
 
 def make_bad_dataset(root: Path) -> tuple[Path, dict[str, Path]]:
     """8 synthetic training images (ARG, ATL; 64 px), then one of each fault on its own sample.

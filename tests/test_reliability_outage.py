@@ -23,7 +23,7 @@ import torch
 from click.testing import CliRunner
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from reliability_helpers import TINY_TRAIN, cli_command, cli_env
+from reliability_helpers import FAST_FAILURE, TINY_TRAIN, cli_command, cli_env
 
 from geopose_mlops.cli import main
 from geopose_mlops.config import ModelConfig, TrainConfig
@@ -38,11 +38,6 @@ from geopose_mlops.train.cv import run_cross_validation
 from geopose_mlops.train.recorder import UNSENT_EPOCHS
 
 EPOCHS = 4
-FAST_FAILURE = {  # MLflow's client retries for minutes by default; one retry is enough here
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-}
 
 
 @pytest.fixture(scope="module")

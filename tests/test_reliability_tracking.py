@@ -17,7 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
-from reliability_helpers import TINY_TRAIN, cli_command, cli_env
+from reliability_helpers import FAST_FAILURE, TINY_TRAIN, cli_command, cli_env
 
 from geopose_mlops.cli import main
 from geopose_mlops.constants import KIND_CV, KIND_FOLD, KIND_TAG, LAST_NAME
@@ -26,13 +26,6 @@ from geopose_mlops.tracking.server import MlflowServer, free_port
 from geopose_mlops.train.checkpoint import load_checkpoint
 
 EPOCHS = 4
-# MLflow's client retries a failed request for minutes by default; a test (or an impatient user) may
-# shorten that through MLflow's own settings.
-FAST_FAILURE = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-}
 
 
 @pytest.fixture(scope="module")
