@@ -46,7 +46,8 @@ def test_loss_is_zero_at_the_truth(name: str) -> None:
     batch = _batch()
     total, parts = _build(name)(_truth_as_outputs(batch), batch)
     assert total.item() == pytest.approx(0.0, abs=1e-6)
-    assert set(parts) == {"agl", "mag", "angle", "scale"}
+    assert set(parts) == set(DEFAULT_WEIGHTS[name])  # every weighted term is logged
+    assert {"agl", "mag", "angle", "scale"} <= set(parts)
     assert all(v == pytest.approx(0.0, abs=1e-6) for v in parts.values())
 
 
@@ -162,6 +163,23 @@ def test_r2_loss_is_one_minus_r2_against_the_training_city_means() -> None:
     # the spread about the training mean is never below the spread about the batch's own mean
     batch_mean_parts = build_loss("r2", city_means=CityMeans(agl={}, mag={}))(outputs, batch)[1]
     assert parts["agl"] < batch_mean_parts["agl"]
+
+
+def test_r2_loss_adds_the_first_places_focal_terms_at_their_weight() -> None:
+    batch, outputs = _two_city_batch()
+    means = {"ARG": {"agl": 4.0, "mag": 5.0}, "OMA": {"agl": 10.0, "mag": 30.0}}
+    total, parts = build_loss("r2", city_means=means)(outputs, batch)
+
+    # by hand: e² (2 sigmoid(0.2 |e|) - 1) = e² tanh(0.1 |e|) over the 7 valid height pixels: errors 1, 0, 0
+    # (ARG) and 2, 1, 0, 0 (OMA)
+    focal = lambda e: e**2 * math.tanh(0.1 * abs(e))  # noqa: E731
+    assert parts["agl_focal"] == pytest.approx((focal(1) + focal(2) + focal(1)) / 7, rel=1e-5)
+    assert parts["mag_focal"] == pytest.approx(focal(1.0), rel=1e-5)  # every valid magnitude off by 1
+    weighted = parts["agl"] + parts["mag"] + 2 * parts["angle"] + 20 * parts["scale"]
+    weighted += 0.05 * (parts["agl_focal"] + parts["mag_focal"])
+    assert total.item() == pytest.approx(weighted, rel=1e-5)
+    without = build_loss("r2", {"agl_focal": 0.0, "mag_focal": 0.0}, city_means=means)(outputs, batch)[0]
+    assert without.item() == pytest.approx(weighted - 0.05 * (parts["agl_focal"] + parts["mag_focal"]), rel=1e-5)
 
 
 def test_a_city_without_a_training_mean_falls_back_to_its_batch_mean() -> None:

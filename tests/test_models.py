@@ -177,3 +177,42 @@ def test_named_weights_that_cannot_be_fetched_fail_with_config_error(monkeypatch
     monkeypatch.setattr(smp_encoders, "hf_hub_download", offline)
     with pytest.raises(ConfigError, match="encoder 'resnet18' with weights 'imagenet': no network"):
         build_model(ModelConfig(encoder="resnet18", encoder_weights="imagenet"))
+
+
+def test_output_units_scale_the_pixel_outputs_and_travel_with_the_weights() -> None:
+    image, gsd, city = _inputs(64)
+    config = ModelConfig(encoder="resnet18", decoder="Unet", encoder_weights="none")
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    with torch.no_grad():
+        plain = model(image, gsd, city)
+        model.pixel_head.set_units(8.0, 0.5)
+        scaled = model(image, gsd, city)
+    torch.testing.assert_close(scaled[AGL], plain[AGL] * 8.0)
+    torch.testing.assert_close(scaled[MAG], plain[MAG] * 0.5)
+    torch.testing.assert_close(scaled[SCALE], plain[SCALE] * 0.5 / 8.0)  # slope of magnitude on height
+    # stored with the weights: a fresh model loading them predicts the same
+    reloaded = build_model(config).eval()
+    reloaded.load_state_dict(model.state_dict())
+    assert reloaded.pixel_head.unit.tolist() == [8.0, 0.5]
+    # a checkpoint written before units existed has no such key: its weights were trained with units of 1
+    old = {k: v for k, v in model.state_dict().items() if k != "pixel_head.unit"}
+    reloaded.load_state_dict(old)
+    assert reloaded.pixel_head.unit.tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="height unit 0.0: expected a finite number > 0"):
+        model.pixel_head.set_units(0.0, 1.0)
+
+
+def test_output_units_are_the_rms_of_the_valid_training_heights_and_magnitudes() -> None:
+    import numpy as np
+
+    from geopose_mlops.models.losses import output_units_from
+
+    agl = np.array([[[3.0, 4.0], [np.nan, 0.0]], [[0.0, 0.0], [0.0, 0.0]], [[100.0, 100.0], [100.0, 100.0]]])
+    scales = np.array([2.0, np.nan, 1.0])
+    # rows 0 and 1: heights 3, 4, 0 and four 0 -> sqrt(25 / 7); magnitudes only where the scale is known:
+    # row 0's 6, 8, 0 -> sqrt(100 / 3); row 2 is not a training row
+    height, magnitude = output_units_from(agl, scales, rows=[0, 1])
+    assert height == pytest.approx((25 / 7) ** 0.5)
+    assert magnitude == pytest.approx((100 / 3) ** 0.5)
+    assert output_units_from(agl, scales, rows=[1]) == (1.0, 1.0)  # all ground, no scale: units of 1

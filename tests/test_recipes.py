@@ -22,7 +22,7 @@ from geopose_mlops.data.cache import build_cache
 from geopose_mlops.data.folds import make_folds
 from geopose_mlops.data.layout import find_samples
 from geopose_mlops.errors import ConfigError
-from geopose_mlops.models.losses import city_means_from
+from geopose_mlops.models.losses import city_means_from, output_units_from
 from geopose_mlops.report import make_report
 from geopose_mlops.train import loop
 from geopose_mlops.train.averaging import EmaWeights, TopKWeights, average_state_dicts
@@ -156,6 +156,10 @@ def test_r2_ema_top_k_and_height_warp_train_through_a_tracked_fold(synthetic_dat
     train_rows = cache.rows(table.loc[table["fold"] != 0, "id"].tolist())
     means = city_means_from(cache.agl, cache.scale, cache.city_index, rows=train_rows)
     assert means.agl and {k: str(v) for k, v in means.as_params().items()}.items() <= fold_run.data.params.items()
+    # The heads' output units: the training rows' spread, logged and stored with the weights.
+    height_unit, magnitude_unit = output_units_from(cache.agl, cache.scale, rows=train_rows)
+    assert fold_run.data.params["output_unit_agl_m"] == str(round(height_unit, 4))
+    assert fold_run.data.params["output_unit_mag_px"] == str(round(magnitude_unit, 4))
     # Every epoch logged once; the last says whether best.pt is the top-3 average.
     history = client.get_metric_history(fold_run.info.run_id, "val_score")
     assert sorted(m.step for m in history) == [0, 1, 2]
@@ -176,6 +180,7 @@ def test_r2_ema_top_k_and_height_warp_train_through_a_tracked_fold(synthetic_dat
         expected, score = kept[result.folds[0].best_epoch], max(m.value for m in history)
     for name, value in best["model"].items():
         assert torch.equal(value, expected[name]), name
+    torch.testing.assert_close(best["model"]["pixel_head.unit"], torch.tensor([height_unit, magnitude_unit]))
     assert result.folds[0].best_score == pytest.approx(score)
     assert fold_run.data.metrics["best_val_score"] == pytest.approx(score)
 

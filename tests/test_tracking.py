@@ -233,12 +233,14 @@ def test_stored_checkpoints_keep_their_content_when_training_rewrites_the_local_
     assert sorted(p.name for p in work.iterdir()) == ["last.pt", "oof"]
 
 
-@pytest.mark.parametrize(("interval", "requests"), [(0.0, [[0], [1], [2]]), (1e9, [[0, 1, 2]])])
+# The last request also holds the fold's summary (best_val_score, best_epoch) at step 0.
+@pytest.mark.parametrize(("interval", "requests"), [(0.0, [[0], [1], [2, 0]]), (1e9, [[0, 1, 2, 0]])])
 def test_epoch_metrics_are_written_at_most_every_metrics_interval(data_dir, tmp_path, monkeypatch, interval, requests):
     """``metrics_interval_s`` 0 writes each epoch's metrics on its own; a long one writes all three
-    epochs in one request with the final checkpoints, each at its own step."""
+    epochs in one request with the final checkpoints, each at its own step; the summary goes with the
+    last epoch's metrics, not in a request of its own."""
     torch.set_num_threads(1)
-    calls = []
+    calls, summaries = [], []
     original = CvTracker.log_epochs
 
     def log_epochs(self, run_id, epochs):
@@ -246,14 +248,19 @@ def test_epoch_metrics_are_written_at_most_every_metrics_interval(data_dir, tmp_
         original(self, run_id, epochs)
 
     monkeypatch.setattr(CvTracker, "log_epochs", log_epochs)
+    monkeypatch.setattr(CvTracker, "log_fold_summary", lambda self, *args: summaries.append(args))
     config = TrainConfig(
         data_dir=str(data_dir), model=ModelConfig(encoder="resnet18"), epochs=3, batch_size=4, image_size=64, k=2,
         folds=(0,), amp=False, augment=False, metrics_interval_s=interval,
     )  # fmt: skip
     result = run_cross_validation(config, experiment="interval", progress=False, cache_root=tmp_path / "cache")
     assert calls == requests
+    assert summaries == []
     history = MlflowClient().get_metric_history(result.folds[0].run_id, "val_score")
     assert sorted(m.step for m in history) == [0, 1, 2]
+    metrics = MlflowClient().get_run(result.folds[0].run_id).data.metrics
+    assert metrics["best_val_score"] == result.folds[0].best_score
+    assert metrics["best_epoch"] == result.folds[0].best_epoch
 
 
 def _two_fold_config(data_dir) -> TrainConfig:
@@ -267,11 +274,19 @@ def test_a_fold_whose_summary_cannot_be_stored_fails_and_the_next_fold_never_sta
     """Storing fold 0's summary fails: its run ends FAILED, the error reaches the caller, and fold 1 has
     no run (the error stops the cross-validation before it is created, and is not charged to it)."""
     torch.set_num_threads(1)
+    real_log_epochs = CvTracker.log_epochs
 
-    def disk_full(self, run_id, best_score, best_epoch):
+    def disk_full(self, run_id, *args, **kwargs):
         raise OSError(28, "No space left on device")
 
+    def summary_disk_full(self, run_id, epochs):
+        # The summary travels with the last epoch's metrics (one request fewer per fold)
+        if any("best_val_score" in metrics for _, metrics in epochs):
+            disk_full(self, run_id)
+        real_log_epochs(self, run_id, epochs)
+
     monkeypatch.setattr(CvTracker, "log_fold_summary", disk_full)
+    monkeypatch.setattr(CvTracker, "log_epochs", summary_disk_full)
     with pytest.raises(OSError, match="No space left"):
         run_cross_validation(
             _two_fold_config(data_dir), experiment="closing", progress=False, cache_root=tmp_path / "cache"

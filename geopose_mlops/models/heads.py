@@ -4,6 +4,11 @@
   (px). Linear outputs, as the public baseline has them: about half of all pixels are ground at exactly
   0 m, which ``softplus`` only reaches at minus infinity and which ``ReLU`` reaches by cutting the
   gradient of every pixel that undershoots. Negative heights are clipped when predictions are written.
+  Each channel is multiplied by its *unit* (a buffer, stored with the weights): training sets them to
+  the spread of the training heights and magnitudes (``output_units_from``), so the convolution predicts
+  numbers of order 1. Without units a height of tens of metres needs head weights that Adam, moving each
+  weight by about the learning rate per step, takes hundreds of steps to grow; with them the same
+  U-Net reached a training R² of 0.67 instead of 0.23 in 120 steps at lr 1e-4 (synthetic data, issue 15).
 - ``DirectionHead``: the flow direction (sin, cos) from the deepest encoder feature, shaped like smp's
   auxiliary classification head (pool -> flatten -> linear), with an MLP and optional image metadata
   (gsd and the city one-hot), normalised to a unit vector.
@@ -36,6 +41,21 @@ class PixelHead(nn.Module):
     def __init__(self, segmentation_head: nn.Module) -> None:
         super().__init__()
         self.head = segmentation_head
+        # (height m, magnitude px) per unit of the raw outputs; 1 until set_units (and in checkpoints
+        # written before units existed, see _load_from_state_dict).
+        self.register_buffer("unit", torch.ones(2))
+
+    def set_units(self, height_m: float, magnitude_px: float) -> None:
+        """Scale the outputs: height = raw x ``height_m``, magnitude = raw x ``magnitude_px`` (both > 0)."""
+        for name, value in (("height", height_m), ("magnitude", magnitude_px)):
+            if not (value > 0 and value < float("inf")):
+                raise ValueError(f"{name} unit {value!r}: expected a finite number > 0")
+        self.unit.copy_(torch.tensor([height_m, magnitude_px], dtype=self.unit.dtype))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+        # A checkpoint from before output units has none: its weights were trained with units of 1.
+        state_dict.setdefault(prefix + "unit", torch.ones_like(self.unit))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, decoder_output: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Return height (B, H, W) in m and magnitude (B, H, W) in px at ``size`` = (H, W)."""
@@ -44,7 +64,8 @@ class PixelHead(nn.Module):
             # Decoders whose final upsampling does not land on the input size (odd strides, a custom
             # ``upsampling``) are brought back to the image grid.
             out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
-        return out[:, 0], out[:, 1]
+        unit = self.unit.to(out.dtype)
+        return out[:, 0] * unit[0], out[:, 1] * unit[1]
 
 
 class DirectionHead(nn.Module):

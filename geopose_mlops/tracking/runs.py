@@ -215,12 +215,19 @@ class CvTracker:
         return find_finished_cv_run(self.experiment_name, config, data_fingerprint)
 
     def start_fold_run(
-        self, cv_run_id: str, fold: int, config: TrainConfig, data_fingerprint: str, precision: str | None = None
+        self,
+        cv_run_id: str,
+        fold: int,
+        config: TrainConfig,
+        data_fingerprint: str,
+        precision: str | None = None,
+        params: dict[str, object] | None = None,
     ) -> str:
-        """Create the nested run of one fold with the parent's params plus ``fold`` and ``precision``.
+        """Create the nested run of one fold with the parent's params plus ``fold``, ``precision`` and ``params``.
 
         ``precision`` is what the fold really trains in (``bf16``, ``fp16``, ``fp32``): the ``amp``
-        param is only the request, and its effect depends on the device. Tagged ``geopose.cv_group``.
+        param is only the request, and its effect depends on the device. ``params``: the fold's own (its
+        output units, the ``r2`` city means), in the same request. Tagged ``geopose.cv_group``.
         """
         tags = {
             KIND_TAG: KIND_FOLD,
@@ -232,10 +239,11 @@ class CvTracker:
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"fold-{fold}")
         # Known now: the first checkpoint stored needs no lookup of the run.
         self._artifact_dirs[run.info.run_id] = artifacts.local_artifact_dir(run.info.artifact_uri)
-        params = {**run_params(config, data_fingerprint), "fold": str(fold)}
+        all_params = {**run_params(config, data_fingerprint), "fold": str(fold)}
         if precision is not None:
-            params["precision"] = precision
-        self._log(run.info.run_id, params=params)
+            all_params["precision"] = precision
+        all_params.update({key: str(value) for key, value in (params or {}).items()})
+        self._log(run.info.run_id, params=all_params)
         return run.info.run_id
 
     def reopen(self, run_id: str) -> None:

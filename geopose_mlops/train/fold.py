@@ -209,7 +209,10 @@ def _build_model(request: FoldRequest, train_ids: list, device: torch.device) ->
     from geopose_mlops.models.factory import build_model
 
     config, cache = request.config, request.data.cache
-    model = build_model(config.model).to(device, memory_format=loop.memory_format(device))
+    model = build_model(config.model)
+    # Outputs in units of the training rows' spread (a resume or a staged start loads the units it trained with).
+    model.pixel_head.set_units(*losses.output_units_from(cache.agl, cache.scale, rows=cache.rows(train_ids)))
+    model = model.to(device, memory_format=loop.memory_format(device))
     precision = loop.make_precision(device, config.amp)
     optimizer = loop.build_optimizer(model, config.lr, config.weight_decay)
     means = None
@@ -233,10 +236,13 @@ def _open_fold_run(
     state = distributed.broadcast_from_main(kept.state if kept is not None else None, context)
     if request.fold_run_id is None:
         fingerprint, precision = request.data.cache.fingerprint, parts.precision.name
-        run_id = tracker.start_fold_run(request.cv_run_id, request.fold, request.config, fingerprint, precision)
+        height_unit, magnitude_unit = parts.model.pixel_head.unit.tolist()
+        params = {"output_unit_agl_m": round(height_unit, 4), "output_unit_mag_px": round(magnitude_unit, 4)}
+        params |= parts.city_means.as_params() if parts.city_means is not None else {}
+        run_id = tracker.start_fold_run(
+            request.cv_run_id, request.fold, request.config, fingerprint, precision, params=params
+        )
         progress = FoldProgress(distributed.broadcast_from_main(run_id, context))
-        if parts.city_means is not None:
-            tracker.log_params(progress.run_id, parts.city_means.as_params())
     else:
         progress = FoldProgress(request.fold_run_id)
         tracker.reopen(progress.run_id)
@@ -404,4 +410,4 @@ def _write_checkpoints(
     last = save_checkpoint(
         work_dir / LAST_NAME, parts.model, parts.optimizer, parts.precision.scaler, *progress_state, metrics, extra
     )
-    recorder.record_epoch(epoch, metrics, last, best_path, oof_dir)
+    recorder.record_epoch(epoch, metrics, last, best_path, oof_dir, summary=(progress.best_score, progress.best_epoch))

@@ -93,6 +93,11 @@ class UnsentFiles:
         return taken
 
 
+def summary_metrics(best_score: float, best_epoch: int) -> dict[str, float]:
+    """A finished fold's ``best_val_score`` and ``best_epoch`` (SPEC §4), logged at step 0."""
+    return {"best_val_score": float(best_score), "best_epoch": float(best_epoch)}
+
+
 def store_records(tracker: Tracker, run_id: str, epochs: list[tuple[int, dict]], files: UnsentFiles) -> None:
     """Store epoch metrics, then ``best.pt`` and ``oof/``, then ``last.pt``.
 
@@ -189,6 +194,7 @@ class FoldRecorder:
         self._unsent = UnsentFiles()
         self._unlogged: list[tuple[int, dict]] = []  # (epoch, metrics) not yet handed to the store
         self._local_dir: Path | None = None  # the fold's local folder, once an epoch was recorded
+        self._summary_sent: tuple[float, int] | None = None  # handed over with the last epoch's metrics
         self._last_upload = self._last_metrics = time.monotonic()
 
     def __enter__(self) -> FoldRecorder:
@@ -212,7 +218,13 @@ class FoldRecorder:
         self._uploads.wait()
 
     def record_epoch(
-        self, epoch: int, metrics: dict[str, float], last: Path, best: Path | None = None, oof: Path | None = None
+        self,
+        epoch: int,
+        metrics: dict[str, float],
+        last: Path,
+        best: Path | None = None,
+        oof: Path | None = None,
+        summary: tuple[float, int] | None = None,
     ) -> None:
         """Hand one epoch's metrics and its newly written files to the store, when they are due.
 
@@ -224,6 +236,8 @@ class FoldRecorder:
             last: Its ``last.pt``.
             best: Its ``best.pt``, when the score improved.
             oof: Its ``oof/`` folder, when the score improved.
+            summary: ``(best score, best epoch)`` so far. After the last epoch it goes in the same request
+                as that epoch's metrics, and ``finish`` sends it again only if it changed.
         """
         self._unsent.last = last
         if best is not None:
@@ -239,6 +253,9 @@ class FoldRecorder:
         files_due = epoch == self._last_epoch or now - self._last_upload >= self._checkpoint_interval_s
         if files_due or now - self._last_metrics >= self._metrics_interval_s:
             files = self._unsent.take() if files_due else UnsentFiles()
+            if epoch == self._last_epoch and summary is not None:  # one request fewer per fold
+                self._unlogged.append((0, summary_metrics(*summary)))
+                self._summary_sent = summary
             self._uploads.submit(store_records, self._tracker, self._run_id, self._unlogged, files)
             self._unlogged, self._last_metrics = [], now
             if files_due:
@@ -254,7 +271,8 @@ class FoldRecorder:
     def finish(self, best_score: float, best_epoch: int) -> None:
         """Wait for the uploads, log the fold's summary and mark the run FINISHED."""
         self._uploads.wait()
-        self._tracker.log_fold_summary(self._run_id, best_score, best_epoch)
+        if self._summary_sent != (best_score, best_epoch):
+            self._tracker.log_fold_summary(self._run_id, best_score, best_epoch)
         self.outcome = RunOutcome.FINISHED
 
     def close(self) -> None:

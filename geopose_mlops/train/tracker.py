@@ -42,9 +42,15 @@ class Tracker(Protocol):
         ...
 
     def start_fold_run(
-        self, cv_run_id: str, fold: int, config: TrainConfig, data_fingerprint: str, precision: str | None = None
+        self,
+        cv_run_id: str,
+        fold: int,
+        config: TrainConfig,
+        data_fingerprint: str,
+        precision: str | None = None,
+        params: dict[str, object] | None = None,
     ) -> str:
-        """Create the nested run of one fold; its id."""
+        """Create the nested run of one fold (with ``params`` beside the cv run's); its id."""
         ...
 
     def reopen(self, run_id: str) -> None:
@@ -140,7 +146,13 @@ class NullTracker:
         return {}
 
     def start_fold_run(
-        self, cv_run_id: str, fold: int, config: TrainConfig, data_fingerprint: str, precision: str | None = None
+        self,
+        cv_run_id: str,
+        fold: int,
+        config: TrainConfig,
+        data_fingerprint: str,
+        precision: str | None = None,
+        params: dict[str, object] | None = None,
     ) -> str:
         """No run is made: an empty id (rank 0 broadcasts the real one)."""
         return ""
