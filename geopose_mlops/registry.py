@@ -77,6 +77,12 @@ HINT_WARNINGS = re.compile(
     re.DOTALL,
 )
 _RUN_ID = re.compile(r"^(?:runs:/)?(?P<run_id>[0-9a-f]{32})/?$")
+# What MLflow prints while a version is made, which ``promote`` says in its own words: the registration's
+# progress lines (on stderr) and the input example's validation (an INFO log of ``mlflow.pyfunc``).
+REGISTRY_CHATTER = re.compile(
+    r"^(Successfully registered model |Registered model .* already exists|Created version '\d+' of model )"
+)
+CHATTY_LOGGERS = ("mlflow.pyfunc", "mlflow.models")
 
 
 @contextlib.contextmanager
@@ -87,6 +93,32 @@ def hint_warnings_dropped() -> Iterator[None]:
     for warning in caught:
         if not HINT_WARNINGS.match(str(warning.message)):
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+@contextlib.contextmanager
+def registry_chatter_dropped() -> Iterator[None]:
+    """Drop MLflow's registration messages (``REGISTRY_CHATTER``) and INFO logs of the block; keep the rest.
+
+    Standard error is collected while the block runs and written back when it ends, but for those lines;
+    warnings and errors of MLflow's loggers still show.
+    """
+    import io
+    import logging
+    import sys
+
+    loggers = [logging.getLogger(name) for name in CHATTY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    collected = io.StringIO()
+    try:
+        for logger in loggers:
+            logger.setLevel(max(logging.WARNING, logger.level))
+        with contextlib.redirect_stderr(collected):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+        kept = [line for line in collected.getvalue().splitlines(keepends=True) if not REGISTRY_CHATTER.match(line)]
+        sys.stderr.write("".join(kept))
 
 
 def _place_checkpoint(client: MlflowClient, fold_run_id: str, target: Path) -> None:
@@ -263,7 +295,7 @@ def _register(client: MlflowClient, run: mlflow.entities.Run, name: str, score: 
         # In its run, so the logged model links the ensemble run and carries its metrics (oof_score,
         # oof_score_{CITY}, the best member's) and params: MLflow 3 copies those onto the model.
         try:
-            with mlflow.start_run(run_id=run.info.run_id), hint_warnings_dropped():
+            with mlflow.start_run(run_id=run.info.run_id), hint_warnings_dropped(), registry_chatter_dropped():
                 info = mlflow.pyfunc.log_model(
                     name="model",
                     python_model=str(MODEL_CODE),
@@ -281,7 +313,8 @@ def _register(client: MlflowClient, run: mlflow.entities.Run, name: str, score: 
         MEMBER_NAMES_TAG: json.dumps(lineage.member_names),
         FINGERPRINT_TAG: lineage.data.fingerprint,
     }
-    version = mlflow.register_model(info.model_uri, name, tags=tags).version
+    with registry_chatter_dropped():
+        version = mlflow.register_model(info.model_uri, name, tags=tags).version
     client.update_model_version(name, version, description=version_description(lineage))
     client.set_model_version_tag(name, version, ENSEMBLE_RUN_TAG, run.info.run_id)
     return version
