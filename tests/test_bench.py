@@ -33,6 +33,7 @@ FIGURES = {
     "recipe_mse_height_warp_val_score",
     "recipe_mse_ema_val_score",
     "recipe_mse_keep_top_3_val_score",
+    "recipe_mse_no_metadata_val_score",
     "recipe_staged_val_score",
     "recipe_default_minus_baseline",
     "oof_bytes_per_image_per_architecture_1024",
