@@ -16,10 +16,13 @@ shows the packaged model predicts: 9 s in a fresh process, 4-7 s warm, about 1 s
 from __future__ import annotations
 
 import contextlib
+import io
 import json
+import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -102,10 +105,6 @@ def registry_chatter_dropped() -> Iterator[None]:
     Standard error is collected while the block runs and written back when it ends, but for those lines;
     warnings and errors of MLflow's loggers still show.
     """
-    import io
-    import logging
-    import sys
-
     loggers = [logging.getLogger(name) for name in CHATTY_LOGGERS]
     levels = [logger.level for logger in loggers]
     collected = io.StringIO()

@@ -219,7 +219,12 @@ def test_init_from_starts_each_fold_from_its_parent_folds_best_checkpoint(synthe
     assert len(started) == 2  # folds 0 then 1
     for fold, weights in enumerate(started):
         parent_fold = parent.folds[fold].run_id
-        assert client.get_run(child.folds[fold].run_id).data.params["init_from_fold_run"] == parent_fold
+        child_params = client.get_run(child.folds[fold].run_id).data.params
+        assert child_params["init_from_fold_run"] == parent_fold
+        # the units logged are those of the weights it starts from
+        parent_params = client.get_run(parent_fold).data.params
+        for unit in ("output_unit_agl_m", "output_unit_mag_px"):
+            assert child_params[unit] == parent_params[unit], unit
         best = _checkpoint(parent_fold, BEST_NAME, tmp_path / f"p{fold}")
         assert best["fold"] == fold
         for name, value in best["model"].items():

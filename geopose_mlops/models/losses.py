@@ -31,7 +31,7 @@ single valid pixel gives finite terms (0).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,8 +41,7 @@ import torch.nn.functional as F
 from geopose_mlops.constants import AGL, CITIES, CITY, MAG, R2_EPS, SCALE, XYDIR
 from geopose_mlops.errors import ConfigError
 
-TERMS = ("agl", "mag", "angle", "scale")  # every loss's terms; ``r2`` adds FOCAL_TERMS
-FOCAL_TERMS = ("agl_focal", "mag_focal")
+TERMS = ("agl", "mag", "angle", "scale")  # every loss's terms; ``r2`` adds ``agl_focal``, ``mag_focal``
 MEAN_TERMS = ("agl", "mag")  # the pixel terms whose R² needs a city mean: height (m), magnitude (px)
 
 DEFAULT_WEIGHTS: dict[str, dict[str, float]] = {
@@ -100,6 +99,22 @@ class CityMeans:
         return torch.tensor([means.get(city, math.nan) for city in CITIES], dtype=torch.float32)
 
 
+def _valid_pixel_sums(
+    agl: np.ndarray, scales: np.ndarray, rows: Iterable[int], power: int
+) -> Iterator[tuple[int, int, float, float]]:
+    """``(row, valid pixels, sum of height**power over them in float64, scale)`` per image with a valid pixel.
+
+    Reads one image at a time, so a memory-mapped cache is never held whole.
+    """
+    for row in rows:
+        image = np.asarray(agl[row])
+        valid = np.isfinite(image)
+        n = int(valid.sum())
+        if n:
+            total = float(np.add.reduce(np.power(image, power, dtype=np.float64), axis=None, where=valid))
+            yield int(row), n, total, float(scales[row])
+
+
 def city_means_from(
     agl: np.ndarray, scales: np.ndarray, cities: np.ndarray, rows: Sequence[int] | np.ndarray | None = None
 ) -> CityMeans:
@@ -122,19 +137,13 @@ def city_means_from(
     agl_sum = np.zeros(len(CITIES), np.float64)
     mag_count = np.zeros(len(CITIES), np.int64)
     mag_sum = np.zeros(len(CITIES), np.float64)
-    for row in range(len(agl)) if rows is None else rows:
-        image = np.asarray(agl[row])
-        valid = np.isfinite(image)
-        n = int(valid.sum())
-        if n == 0:
-            continue
-        total = float(np.add.reduce(image, axis=None, where=valid, dtype=np.float64))
+    for row, n, total, scale in _valid_pixel_sums(agl, scales, range(len(agl)) if rows is None else rows, 1):
         city = int(cities[row])
         count[city] += n
         agl_sum[city] += total
-        if math.isfinite(float(scales[row])):
+        if math.isfinite(scale):
             mag_count[city] += n
-            mag_sum[city] += total * float(scales[row])
+            mag_sum[city] += total * scale
     present = [i for i in range(len(CITIES)) if count[i]]
     return CityMeans(
         agl={CITIES[i]: float(agl_sum[i] / count[i]) for i in present},
@@ -163,14 +172,10 @@ def output_units_from(
     rows = np.arange(len(agl)) if rows is None else np.asarray(rows)
     step = max(1, math.ceil(len(rows) / UNIT_SAMPLE_IMAGES))
     squares, count, mag_squares, mag_count = 0.0, 0, 0.0, 0
-    for row in rows[::step]:
-        image = np.asarray(agl[row])
-        valid = np.isfinite(image)
-        n = int(valid.sum())
-        total = float(np.add.reduce(np.square(image, dtype=np.float64), axis=None, where=valid))
+    for _, n, total, scale in _valid_pixel_sums(agl, scales, rows[::step], 2):
         squares, count = squares + total, count + n
-        if n and math.isfinite(float(scales[row])):
-            mag_squares, mag_count = mag_squares + total * float(scales[row]) ** 2, mag_count + n
+        if math.isfinite(scale):
+            mag_squares, mag_count = mag_squares + total * scale**2, mag_count + n
     height = math.sqrt(squares / count) if count else 0.0
     magnitude = math.sqrt(mag_squares / mag_count) if mag_count else 0.0
     return (height if height > 0 else 1.0), (magnitude if magnitude > 0 else 1.0)

@@ -234,18 +234,26 @@ def _open_fold_run(
     resuming = request.fold_run_id is not None
     kept = kept_records(tracker, request.fold_run_id, request.work_dir) if resuming and context.is_main else None
     state = distributed.broadcast_from_main(kept.state if kept is not None else None, context)
+    parent: dict[str, object] = {}
+    if state is None and request.config.init_from and context.is_main:
+        # Before the run's params: the parent's weights bring the output units they were trained with.
+        weights, source = staged.parent_weights(tracker, request.config, request.fold, request.work_dir / "init")
+        parts.model.load_state_dict(weights)
+        parent = {"init_from_fold_run": source}
     if request.fold_run_id is None:
         fingerprint, precision = request.data.cache.fingerprint, parts.precision.name
         height_unit, magnitude_unit = parts.model.pixel_head.unit.tolist()
         params = {"output_unit_agl_m": round(height_unit, 4), "output_unit_mag_px": round(magnitude_unit, 4)}
         params |= parts.city_means.as_params() if parts.city_means is not None else {}
         run_id = tracker.start_fold_run(
-            request.cv_run_id, request.fold, request.config, fingerprint, precision, params=params
+            request.cv_run_id, request.fold, request.config, fingerprint, precision, params={**params, **parent}
         )
         progress = FoldProgress(distributed.broadcast_from_main(run_id, context))
     else:
         progress = FoldProgress(request.fold_run_id)
         tracker.reopen(progress.run_id)
+        if parent:  # a resumed fold that had no checkpoint of its own yet
+            tracker.log_params(progress.run_id, parent)
     if kept is not None:  # the epochs and files kept locally that the store lacks (it failed mid-run)
         send_kept_records(tracker, progress.run_id, kept, request.work_dir)
     if state is not None:
@@ -254,10 +262,6 @@ def _open_fold_run(
         parts.precision.scaler.load_state_dict(state["scaler"])
         progress.start_epoch, progress.best_score = state["epoch"] + 1, state["best_score"]
         progress.best_epoch = state["best_epoch"]
-    elif request.config.init_from and context.is_main:
-        weights, source = staged.parent_weights(tracker, request.config, request.fold, request.work_dir / "init")
-        parts.model.load_state_dict(weights)
-        tracker.log_params(progress.run_id, {"init_from_fold_run": source})
     parts.train_model = distributed.wrap_model(parts.model, context)
     parts.averages = WeightAverages.start(parts.model, request.config.ema, request.config.keep_top, state)
     # On resume from an older last.pt, epochs after it were logged by the interrupted run: they are
