@@ -8,6 +8,7 @@ starts (``MLFLOW_TRACKING_URI``), and the previous values restored afterwards.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +46,28 @@ def user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "user-cache"
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     return cache
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """The free space where the tests write: a full disk shows as many unrelated failures."""
+    import tempfile
+
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    return f"free disk under {tempfile.gettempdir()}: {free / 2**30:.1f} GiB (the suite needs ~4 GiB at once)"
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A folder for what one test module's tests share, removed after its last test unless one failed.
+
+    The module-scoped counterpart of ``tmp_path`` under ``tmp_path_retention_policy = "failed"``: the
+    checkpoints and stores a module builds do not stay on disk for the rest of the session.
+    """
+    failed_before = request.session.testsfailed
+    path = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    yield path
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

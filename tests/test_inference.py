@@ -202,12 +202,12 @@ def _angle_gap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def fresh_ensemble(tmp_path_factory) -> Iterator[Path]:
+def fresh_ensemble(module_tmp: Path) -> Iterator[Path]:
     """A 2 x 2 fold ensemble of fresh models, run on one thread (a shared 2-core machine slows
     OpenMP's multi-threaded small convolutions by 10x or more)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield _package_fresh_ensemble(tmp_path_factory.mktemp("ensemble"))
+    yield _package_fresh_ensemble(module_tmp)
     torch.set_num_threads(threads)
 
 

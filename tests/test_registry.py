@@ -39,8 +39,8 @@ class Store:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
-    root = tmp_path_factory.mktemp("registry")
+def store(module_tmp: Path) -> Store:
+    root = module_tmp
     uri = f"sqlite:///{root}/mlflow.db"
     data = root / "data"
     make_synthetic_dataset(data, images_per_city=2, size=64, seed=0, cities=("ARG", "JAX"), test_images_per_city=1)

@@ -29,9 +29,9 @@ def study_file(folder: Path, data_dir: Path, name: str, extra: str = "", epochs:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory, synthetic_data: Path):
+def workspace(module_tmp: Path, synthetic_data: Path):
     """A private copy of the synthetic data (its cache is written beside it) and a tracking store."""
-    root = tmp_path_factory.mktemp("tuning")
+    root = module_tmp
     data = root / "data"
     shutil.copytree(synthetic_data, data)
     uri = f"sqlite:///{root}/mlflow.db"
