@@ -115,11 +115,25 @@ def test_negative_member_scale_is_written_as_zero_and_reads_back(tmp_path) -> No
 ENCODER = "tu-mobilenetv3_small_050"
 
 
+def _trained_norm_statistics(model: torch.nn.Module, seed: int) -> None:
+    """Give every batch norm running statistics and affine weights away from the identity (in place)."""
+    generator = torch.Generator().manual_seed(seed)
+    for norm in model.modules():
+        if isinstance(norm, torch.nn.BatchNorm2d):
+            n = norm.num_features
+            norm.running_mean.copy_(0.2 * torch.randn(n, generator=generator))
+            norm.running_var.copy_(0.7 + 0.6 * torch.rand(n, generator=generator))
+            norm.weight.copy_(0.8 + 0.4 * torch.rand(n, generator=generator))
+            norm.bias.copy_(0.1 * torch.randn(n, generator=generator))
+
+
 def _package_fresh_ensemble(folder: Path, members: int = 2, folds: int = 2) -> Path:
     """An ensemble folder (ensemble.json + checkpoints/<member>/fold<N>.pt) of freshly built, untrained models.
 
     Each model's height and magnitude biases are raised so that most heights are above 0 m and the
-    scales positive (an untrained head predicts around 0, where clipping would hide differences).
+    scales positive (an untrained head predicts around 0, where clipping would hide differences), and its
+    batch norms get the running statistics and affine weights of a trained model (a fresh norm is the
+    identity, which would hide an error in folding the norms into the convolutions for inference).
     """
     names = [f"m{k}" for k in range(members)]
     for k, name in enumerate(names):
@@ -128,6 +142,7 @@ def _package_fresh_ensemble(folder: Path, members: int = 2, folds: int = 2) -> P
             model = build_model(ModelConfig(encoder=ENCODER, encoder_weights="none")).eval()
             with torch.no_grad():
                 model.pixel_head.head[0].bias += torch.tensor([1.0, 2.0])
+                _trained_norm_statistics(model, seed=10 * k + fold)
             config = TrainConfig(model=ModelConfig(encoder=ENCODER), image_size=64, amp=False)
             save_checkpoint(
                 folder / CHECKPOINT_DIR / name / f"fold{fold}.pt", model, None, None, config, fold, 0, 0.0, 0
@@ -218,6 +233,9 @@ def test_batched_fp32_equals_the_per_image_path_within_1e4_m(fresh_ensemble, tta
     assert (reference["agl"] > 0).mean() > 0.5 and (reference["scale"] > 0).all()  # nothing hidden by clipping
     predictor = EnsemblePredictor(fresh_ensemble, device="cpu", amp=False)
     assert predictor.precision.name == "fp32"
+    # Every norm is folded into its convolution: what is compared here is the folded models' arithmetic.
+    models = [model for folds in predictor.members for model in folds]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for model in models for m in model.modules())
     out = predictor.predict(rgb, gsd, cities, tta)
     assert out["agl"].shape == (4, 64, 64) and out["agl"].dtype == np.float32
     np.testing.assert_allclose(out["agl"], reference["agl"], rtol=0, atol=1e-4)  # metres
