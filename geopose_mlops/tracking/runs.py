@@ -51,6 +51,7 @@ from geopose_mlops.constants import (
 from geopose_mlops.errors import ConfigError
 from geopose_mlops.tracking import artifacts, batches
 from geopose_mlops.tracking.experiments import experiment_id
+from geopose_mlops.train.recorder import summary_metrics
 
 SKIPPED_FILES = "skipped_files.csv"  # artifact of a cv run trained with skip_bad
 CV_GROUP_TAG = "geopose.cv_group"  # fold and trial runs: the cross-validation they belong to, readable (SPEC §4)
@@ -280,7 +281,7 @@ class CvTracker:
 
     def log_fold_summary(self, run_id: str, best_score: float, best_epoch: int) -> None:
         """``best_val_score`` and ``best_epoch`` of a finished fold."""
-        self._log(run_id, metrics={"best_val_score": best_score, "best_epoch": best_epoch})
+        self._log(run_id, metrics=summary_metrics(best_score, best_epoch))
 
     def log_params(self, run_id: str, params: dict[str, object]) -> None:
         """More params of a run (a fold's ``r2`` city means, the parent fold run it started from)."""
