@@ -134,6 +134,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_epoch(fold_seed: int, epoch: int) -> None:
+    """Seed torch's generators (dropout) for ``epoch`` from the fold's seed and the epoch alone.
+
+    A fold resumed at ``epoch`` then draws the masks the uninterrupted fold drew, whatever happened
+    to the generators before (the weights' initialisation, a parent stage's loading).
+    """
+    torch.manual_seed(int(np.random.SeedSequence([fold_seed, epoch]).generate_state(1)[0]))
+
+
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -162,7 +171,7 @@ def train_fold(
     train_ids, val_ids, accumulation_steps = _split_fold(request, context)
     seed_everything(request.config.seed * 1000 + request.fold)
     parts = _build_model(request, train_ids, context.device)
-    progress = _open_fold_run(request, tracker, parts, context)
+    progress = _open_fold_run(request, tracker, parts, context, train_ids)
     loaders = _build_loaders(request, train_ids, val_ids, accumulation_steps, context)
     config, fold = request.config, request.fold
     with FoldRecorder(tracker, progress.run_id, config, progress.logged) as recorder:
@@ -209,10 +218,7 @@ def _build_model(request: FoldRequest, train_ids: list, device: torch.device) ->
     from geopose_mlops.models.factory import build_model
 
     config, cache = request.config, request.data.cache
-    model = build_model(config.model)
-    # Outputs in units of the training rows' spread (a resume or a staged start loads the units it trained with).
-    model.pixel_head.set_units(*losses.output_units_from(cache.agl, cache.scale, rows=cache.rows(train_ids)))
-    model = model.to(device, memory_format=loop.memory_format(device))
+    model = build_model(config.model).to(device, memory_format=loop.memory_format(device))
     precision = loop.make_precision(device, config.amp)
     optimizer = loop.build_optimizer(model, config.lr, config.weight_decay)
     means = None
@@ -223,11 +229,16 @@ def _build_model(request: FoldRequest, train_ids: list, device: torch.device) ->
 
 
 def _open_fold_run(
-    request: FoldRequest, tracker: Tracker, parts: FoldModel, context: distributed.DistributedContext
+    request: FoldRequest,
+    tracker: Tracker,
+    parts: FoldModel,
+    context: distributed.DistributedContext,
+    train_ids: list,
 ) -> FoldProgress:
     """Create the fold run, or reopen it and load its last checkpoint into ``parts``; where the fold stands.
 
-    A fold without a checkpoint starts from the parent stage's ``best.pt`` (``init_from``, on rank 0). Then
+    A fold without a checkpoint starts from the parent stage's ``best.pt`` (``init_from``, on rank 0), or
+    else sets its outputs' units from its training rows (a checkpoint or a parent brings its own). Then
     ``parts.train_model`` is wrapped for DDP (which broadcasts rank 0's weights) and the weight averages
     start: from the checkpoint's, else from those weights.
     """
@@ -240,6 +251,8 @@ def _open_fold_run(
         weights, source = staged.parent_weights(tracker, request.config, request.fold, request.work_dir / "init")
         parts.model.load_state_dict(weights)
         parent = {"init_from_fold_run": source}
+    elif state is None and not request.config.init_from:
+        _set_output_units(parts.model, request.data.cache, train_ids)
     if request.fold_run_id is None:
         fingerprint, precision = request.data.cache.fingerprint, parts.precision.name
         height_unit, magnitude_unit = parts.model.pixel_head.unit.tolist()
@@ -269,6 +282,13 @@ def _open_fold_run(
     if resuming and context.is_main:
         progress.logged = set(tracker.logged_epochs(progress.run_id))
     return progress
+
+
+def _set_output_units(model: nn.Module, cache, train_ids: list) -> None:
+    """Outputs in units of the training rows' spread: their RMS height (m) and magnitude (px)."""
+    from geopose_mlops.models import losses
+
+    model.pixel_head.set_units(*losses.output_units_from(cache.agl, cache.scale, rows=cache.rows(train_ids)))
 
 
 def _build_loaders(
@@ -316,6 +336,7 @@ def _run_epoch(
     """Train and validate one epoch (after the last, the top-K average too), write its checkpoints; its metrics."""
     start = time.perf_counter()
     loaders.sampler.set_epoch(epoch)
+    seed_epoch(loaders.sampler.seed, epoch)
     result = _train_epoch(request, epoch, parts, loaders, progress)
     oof, metrics = _validate(parts.scored, loaders, parts.precision, context)
     mine = len(loaders.sampler)  # this rank's training images

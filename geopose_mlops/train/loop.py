@@ -132,7 +132,10 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader over a GeoposeDataset (in order unless a sampler, e.g. ``EpochSampler``, is given).
 
-    Workers are kept alive between epochs (no re-fork, no re-opening of the memory-mapped cache).
+    Workers are kept alive between epochs (no re-fork, no re-opening of the memory-mapped cache). The
+    loader draws its workers' seeds from a generator of its own: torch's default one, which dropout
+    uses, would otherwise lose a draw to each iteration of a loader without persistent workers, so the
+    number of workers would change the training.
     """
     return DataLoader(
         dataset,
@@ -142,6 +145,7 @@ def make_loader(
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
         drop_last=False,
+        generator=torch.Generator().manual_seed(0),  # the samples' augmentation is seeded per item (EpochSampler)
     )
 
 
