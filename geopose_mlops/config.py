@@ -206,7 +206,8 @@ class TrainConfig:
         loss: ``mse`` (baseline), ``r2`` (per-city R², 1st place) or ``huber_cos`` (2nd place).
         num_workers: DataLoader workers (0: samples are read and augmented in the training process,
             which suits CPU runs and tests; a GPU needs several: augmenting one 1024 px image takes
-            ~40 ms of a CPU core).
+            ~40 ms of a CPU core). The number changes no result: each sample's augmentation is seeded
+            by the run's seed, the epoch and its position.
         augment: Apply the training augmentations.
         checkpoint_interval_s: Upload ``last.pt`` (and a new ``best.pt`` with its ``oof/``) at most this
             often, seconds, and always after the last epoch or when training stops. A SIGKILL loses at
