@@ -21,6 +21,7 @@ DRY_RUN_ROWS = {
     "gpu_check_predict_images_per_s_d4",
     "gpu_check_predict_minutes_1025_d4",
     "train_step_speedup_cpu",  # bench_train_step's row on a CPU
+    "gpu_check_cache_build_speedup_all_cores",
 }
 
 
@@ -36,7 +37,8 @@ def bench_module(name: str):
 def test_the_dry_run_on_a_bare_host_writes_the_rows_and_the_readme_section(tmp_path):
     """`gpu_check.py --device cpu --quick` with only a bare GPU host's packages and the wheels' (`python -S`
     over a folder of links to them): the fold, predict and step rows are written, say the device, and the
-    README keeps its text around the rewritten section, which names the GPU rows still unmeasured."""
+    README keeps its text around the rewritten section, which names the GPU rows still unmeasured. The
+    cache part builds byte-identical entries in one process per core and prices the training set."""
     gpu_wheels, gpu_check = bench_module("gpu_wheels"), bench_module("gpu_check")
     site = gpu_wheels.bare_host_site(tmp_path / "site")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(site)])}
@@ -65,6 +67,10 @@ def test_the_dry_run_on_a_bare_host_writes_the_rows_and_the_readme_section(tmp_p
     minutes = rows["gpu_check_predict_minutes_1025_d4"]
     assert minutes["value"] == pytest.approx(1025 / d4 / 60 * 25 / 4)  # a 2 x 2 ensemble scaled to 25
     assert minutes["scaled_from"] and not minutes["met"]
+    cache = rows["gpu_check_cache_build_speedup_all_cores"]
+    assert cache["byte_identical"] and cache["workers"] >= 2 and cache["images"] == 4 and not cache["met"]
+    assert cache["ours_hours_5923"] == pytest.approx(cache["ours_s_per_image"]["median"] * 5923 / 3600)
+    assert cache["value"] == pytest.approx(cache["reference_hours_5923"] / cache["ours_hours_5923"])
 
     text = readme.read_text()
     assert text.startswith("# Benchmarks\n\nthe other scripts' rows\n")
