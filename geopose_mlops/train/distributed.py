@@ -82,6 +82,11 @@ class DistributedContext:
         return self.rank == 0
 
 
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def launched_by_torchrun() -> bool:
     """True when torchrun (or another launcher) set ``WORLD_SIZE`` above 1 for this process."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

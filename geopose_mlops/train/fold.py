@@ -21,13 +21,11 @@ the fold's training rows, logged as params.
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -44,6 +42,7 @@ from geopose_mlops.train.data import PreparedData
 from geopose_mlops.train.local_copy import kept_records, send_kept_records
 from geopose_mlops.train.oof import OofPredictions
 from geopose_mlops.train.recorder import FoldRecorder
+from geopose_mlops.train.seeds import seed_epoch, seed_everything
 from geopose_mlops.train.tracker import Tracker
 
 # on_epoch_end(fold, epoch, metrics): called after each epoch; raise to stop the run.
@@ -127,27 +126,6 @@ class FoldProgress:
     logged: set[int] = field(default_factory=set)  # epochs the store holds (on rank 0 of a resume)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch (CPU and CUDA) generators."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def seed_epoch(fold_seed: int, epoch: int) -> None:
-    """Seed torch's generators (dropout) for ``epoch`` from the fold's seed and the epoch alone.
-
-    A fold resumed at ``epoch`` then draws the masks the uninterrupted fold drew, whatever happened
-    to the generators before (the weights' initialisation, a parent stage's loading).
-    """
-    torch.manual_seed(int(np.random.SeedSequence([fold_seed, epoch]).generate_state(1)[0]))
-
-
-def default_device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def train_fold(
     request: FoldRequest, tracker: Tracker, context: distributed.DistributedContext | None = None
 ) -> FoldResult:
@@ -164,7 +142,7 @@ def train_fold(
         GeoposeError: The fold has no training or validation images, or the loss became non-finite.
         ConfigError: A callback under torchrun, or an effective batch that does not split over the processes.
     """
-    context = context or distributed.DistributedContext(device=default_device())
+    context = context or distributed.DistributedContext(device=distributed.default_device())
     tracker = distributed.main_rank_tracker(tracker, context)
     if context.enabled and request.on_epoch_end is not None:
         raise ConfigError("on_epoch_end (tuning) runs in one process per trial; start more tune workers instead")

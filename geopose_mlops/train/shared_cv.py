@@ -30,8 +30,8 @@ from geopose_mlops.constants import DEFAULT_EXPERIMENT, FOLDS_FILE_TAG, INIT_FRO
 from geopose_mlops.errors import ConfigError, DataError, GeoposeError
 from geopose_mlops.train.cv import CvResult, finished_fold, load_cv_run, run_folds, score_cv
 from geopose_mlops.train.data import check_data_dir, prepare_data
-from geopose_mlops.train.distributed import DistributedContext
-from geopose_mlops.train.fold import FoldResult, default_device
+from geopose_mlops.train.distributed import DistributedContext, default_device
+from geopose_mlops.train.fold import FoldResult
 from geopose_mlops.train.local_copy import local_folder
 from geopose_mlops.train.recorder import RunOutcome
 from geopose_mlops.train.staged import check_init_from
