@@ -128,12 +128,13 @@ def train_baseline(config, cache_root: Path) -> float:
     from geopose_mlops.data.dataset import GeoposeDataset
     from geopose_mlops.train import loop
     from geopose_mlops.train.data import prepare_data
+    from geopose_mlops.train.seeds import fold_seed
 
     data = prepare_data(config, cache_root)
     table, cache = data.folds_table, data.cache
     train_rows = cache.rows(table.loc[table["fold"] != 0, "id"].tolist())
     val_rows = cache.rows(table.loc[table["fold"] == 0, "id"].tolist())
-    torch.manual_seed(config.seed * 1000)  # as train_fold seeds fold 0
+    torch.manual_seed(fold_seed(config.seed, 0))  # as train_fold seeds fold 0
     model = UnetVflow(config.model.encoder)
     optimizer = torch.optim.Adam([dict(params=model.parameters(), lr=BASELINE_LR)])
     generator = torch.Generator().manual_seed(config.seed)

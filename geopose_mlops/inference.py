@@ -193,11 +193,10 @@ def _folded(model: torch.nn.Module) -> torch.nn.Module:
 
     The pairs are found, and the folded copy checked against the original, on one small random image.
     """
-    from geopose_mlops.models.factory import DECODER_MIN_SIZE
     from geopose_mlops.models.fold_norms import fold_batch_norms
 
     stride = model.output_stride
-    side = -(-max(64, DECODER_MIN_SIZE.get(model.config.decoder.lower(), 0)) // stride) * stride
+    side = -(-max(64, model.min_input_size) // stride) * stride
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(0)
     image = torch.rand(1, 3, side, side, generator=generator).to(device)

@@ -97,13 +97,18 @@ class GeoposeModel(nn.Module):
         """Input height and width must be multiples of this (px)."""
         return int(getattr(self.encoder, "output_stride", 32))
 
+    @property
+    def min_input_size(self) -> int:
+        """Input height and width must be at least this (px; 0: any multiple of ``output_stride``)."""
+        return DECODER_MIN_SIZE.get(self.config.decoder.lower(), 0)
+
     def forward(self, image: torch.Tensor, gsd: torch.Tensor, city: torch.Tensor) -> dict[str, torch.Tensor]:
         """Predict height, magnitude, direction and scale; see the class docstring for shapes and units."""
         size = (int(image.shape[-2]), int(image.shape[-1]))
         stride = self.output_stride
         if size[0] % stride or size[1] % stride:
             raise ValueError(f"image size {size} px: height and width must be multiples of {stride}")
-        min_size = DECODER_MIN_SIZE.get(self.config.decoder.lower(), 0)
+        min_size = self.min_input_size
         if min(size) < min_size:
             raise ValueError(f"image size {size} px: decoder {self.config.decoder} needs at least {min_size} px")
         x = (image - self.mean) / self.std

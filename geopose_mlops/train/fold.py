@@ -42,7 +42,7 @@ from geopose_mlops.train.data import PreparedData
 from geopose_mlops.train.local_copy import kept_records, send_kept_records
 from geopose_mlops.train.oof import OofPredictions
 from geopose_mlops.train.recorder import FoldRecorder
-from geopose_mlops.train.seeds import seed_epoch, seed_everything
+from geopose_mlops.train.seeds import fold_seed, seed_epoch, seed_everything
 from geopose_mlops.train.tracker import Tracker
 
 # on_epoch_end(fold, epoch, metrics): called after each epoch; raise to stop the run.
@@ -147,7 +147,7 @@ def train_fold(
     if context.enabled and request.on_epoch_end is not None:
         raise ConfigError("on_epoch_end (tuning) runs in one process per trial; start more tune workers instead")
     train_ids, val_ids, accumulation_steps = _split_fold(request, context)
-    seed_everything(request.config.seed * 1000 + request.fold)
+    seed_everything(fold_seed(request.config.seed, request.fold))
     parts = _build_model(request, train_ids, context.device)
     progress = _open_fold_run(request, tracker, parts, context, train_ids)
     loaders = _build_loaders(request, train_ids, val_ids, accumulation_steps, context)
@@ -284,7 +284,7 @@ def _build_loaders(
 
         augmentation = build_train_augmentation(crop_size=config.crop_size, height_warp_p=config.height_warp_p)
     train_set = GeoposeDataset(cache, cache.rows(train_ids), augmentation)
-    seed = config.seed * 1000 + request.fold
+    seed = fold_seed(config.seed, request.fold)
     sampler = distributed.ShardedEpochSampler(len(train_set), seed, context, config.batch_size)
     train_loader = loop.make_loader(train_set, config.batch_size, config.num_workers, sampler)
     val_rows = cache.rows(val_ids)[distributed.shard_indices(len(val_ids), context)]

@@ -1,6 +1,6 @@
 """A fold's random generators: all of them seeded at its start, torch's again at each epoch.
 
-What a fold draws comes from its seed alone (``config.seed * 1000 + fold``): the weights' initialisation
+What a fold draws comes from its seed alone (``fold_seed``): the weights' initialisation
 from ``seed_everything``; the order and augmentation of each epoch's samples from ``EpochSampler``
 (per sample, in the main process, whatever the number of DataLoader workers); the scale head's dropout
 from torch's generator, which ``seed_epoch`` re-seeds at each epoch, so a fold resumed at epoch E draws
@@ -13,6 +13,11 @@ import random
 
 import numpy as np
 import torch
+
+
+def fold_seed(seed: int, fold: int) -> int:
+    """The seed of fold ``fold`` of a cross-validation seeded ``seed`` (its weights, order, augmentation, dropout)."""
+    return seed * 1000 + fold
 
 
 def seed_everything(seed: int) -> None:
